@@ -1,0 +1,32 @@
+"""dpokit: Direct Preference Optimization for Hugging Face causal LMs.
+
+The package import is light: heavy modules (transformers, accelerate, peft) load only when
+`train` / `evaluate` are called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["Config", "train", "evaluate", "LOSSES", "LossOutput", "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # lazy public API (PEP 562)
+    if name == "Config":
+        from dpokit.config import Config
+
+        return Config
+    if name in ("LOSSES", "LossOutput"):
+        from dpokit import losses
+
+        return getattr(losses, name)
+    if name == "train":
+        from dpokit.trainer import train
+
+        return train
+    if name == "evaluate":
+        from dpokit.evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'dpokit' has no attribute {name!r}")

@@ -1,0 +1,315 @@
+"""Typed configuration: dataclasses that are also the YAML and CLI schema.
+
+A YAML file mirrors `Config` one-to-one (`model:`, `data:`, `loss:`, `reference:`, `lora:`,
+`train:` sections with exactly the field names below). Unknown keys and wrong types are errors
+that name the key; `Config.validate()` checks values and cross-field rules. Overrides on the
+command line use the same dotted names: `train.lr=1e-5 loss.type=ipo`.
+
+Each field's `help` metadata is its documentation and is printed by `dpokit config`.
+Imports only the standard library and yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpokit.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with documentation; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "smollm2-135m-instruct",
+        "local Hugging Face folder, a .gguf file, or an alias (smollm2-135m-instruct, tiny-random-llama)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "weight dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU"
+    )
+    trust_remote_code: bool = _f(False, "run code shipped with the model folder (only for sources you trust)")
+    allow_pickle: bool = _f(False, "allow loading pickled .bin weights (weights_only); safetensors otherwise")
+    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _f(["data/toy/train.jsonl"], "training files, globs or folders (jsonl/json/parquet/csv/save_to_disk)")
+    eval_files: list[str] = _f([], "held-out files evaluated every train.eval_every steps and at the end")
+    format: Literal["auto", "standard", "conversational", "implicit"] = _f(
+        "auto", "row format; auto detects prompt/chosen/rejected strings, message lists, or implicit prompt"
+    )
+    max_length: int = _f(512, "max tokens of prompt + response")
+    max_prompt_length: int = _f(256, "max prompt tokens (cut first, then responses are cut to fit max_length)")
+    truncation_mode: Literal["keep_end", "keep_start"] = _f(
+        "keep_end", "which end of an over-long prompt to keep (keep_end keeps the last turns)"
+    )
+    on_bad_row: Literal["error", "skip"] = _f("error", "a malformed row stops the run (error) or is skipped and counted")
+    pad_to_multiple_of: int = _f(8, "pad batch length up to a multiple of this (0 = no rounding)")
+
+
+@dataclass
+class LossConfig:
+    type: str = _f("sigmoid", "sigmoid (DPO), ipo, hinge, robust, simpo, orpo")
+    beta: float = _f(0.1, "strength of the KL constraint to the reference (inverse temperature)")
+    label_smoothing: float = _f(0.0, "assumed label-flip rate: conservative DPO (sigmoid) / robust DPO, in [0, 0.5)")
+    nll_weight: float = _f(0.0, "weight of an NLL term on chosen responses (RPO); counters likelihood displacement")
+    ipo_length_normalize: bool = _f(True, "IPO on per-token average log-ratios (as TRL); false = summed (paper)")
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin gamma")
+
+
+@dataclass
+class ReferenceConfig:
+    mode: Literal["auto", "copy", "adapter", "none"] = _f(
+        "auto",
+        "auto = adapter with LoRA, copy for full fine-tuning, none for reference-free losses; "
+        "copy = frozen copy of the model; adapter = the LoRA base with adapters disabled",
+    )
+    name_or_path: str | None = _f(None, "a different reference model (copy mode); default: model.name_or_path")
+    precompute: bool = _f(False, "compute reference log-probs once before training and cache them on disk")
+    cache_dir: str | None = _f(None, "where reference log-prob caches live (default: ~/.cache/dpokit/ref_logps)")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "train LoRA adapters instead of all weights")
+    r: int = _f(16, "adapter rank")
+    alpha: int = _f(32, "adapter scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the adapter input")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get adapters (or ['all-linear'])",
+    )
+    merge: bool = _f(False, "also save a merged full model (output_dir/merged)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/dpo", "where the model, tokenizer, config and metrics.jsonl are written")
+    overwrite: bool = _f(False, "allow writing into an output_dir that already holds another run")
+    max_steps: int = _f(-1, "optimizer steps; -1 = derive from epochs")
+    epochs: float = _f(1.0, "passes over train_files when max_steps is -1")
+    micro_batch_size: int = _f(4, "pairs per forward pass (the forward sees 2x rows: chosen + rejected)")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step; pairs/step = micro_batch_size * this * world")
+    eval_batch_size: int = _f(8, "pairs per forward pass during evaluation")
+    lr: float = _f(5e-6, "peak learning rate")
+    optimizer: Literal["adamw", "rmsprop"] = _f("adamw", "optimizer")
+    weight_decay: float = _f(0.0, "decoupled weight decay (adamw)")
+    warmup_steps: int = _f(0, "linear warm-up steps from 0 to lr")
+    scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up (to 0 at the last step)")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    seed: int = _f(42, "seed for data order, LoRA init and dropout")
+    mixed_precision: Literal["no", "bf16"] = _f("no", "bf16 autocast for the forward (log-probs and loss stay fp32)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    log_every: int = _f(10, "optimizer steps between log lines / metrics.jsonl rows")
+    eval_every: int = _f(0, "optimizer steps between evaluations (0 = only at the end)")
+    save_every: int = _f(0, "optimizer steps between checkpoints (0 = only the final model)")
+    report_to: list[str] = _f([], "extra loggers: tensorboard")
+    progress_bar: bool = _f(True, "show a progress bar (step, loss, accuracy, ETA)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "reference": ReferenceConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> Config:
+        """Build from a nested dict; unknown keys and wrong types raise ConfigError naming them."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+        sections = {}
+        for name, value in raw.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{where}: unknown section '{name}'{_suggest(name, SECTIONS)}")
+            sections[name] = _build_section(SECTIONS[name], value, f"{name}", where)
+        return cls(**sections)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(raw or {}, where=str(path))
+
+    def override(self, assignments: list[str]) -> Config:
+        """Apply `section.key=value` strings (values parsed as YAML scalars/lists); returns a new Config."""
+        raw = self.to_dict()
+        for item in assignments:
+            key, sep, text = item.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) != 2:
+                raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-5)")
+            section, name = parts
+            if section not in SECTIONS:
+                raise ConfigError(f"override '{item}': unknown section '{section}'{_suggest(section, SECTIONS)}")
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError:
+                value = text
+            raw[section][name] = value
+        return Config.from_dict(raw, where="command line")
+
+    # ---- output -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, commented: bool = True) -> str:
+        """YAML text of the whole config; with comments, each key carries its help line."""
+        lines: list[str] = []
+        for name, section_cls in SECTIONS.items():
+            section = getattr(self, name)
+            lines.append(f"{name}:")
+            for f in dataclasses.fields(section_cls):
+                value = yaml.safe_dump({f.name: getattr(section, f.name)}, default_flow_style=True, width=1000)
+                value = value.strip()[1:-1]  # strip the braces of the one-key flow mapping
+                comment = f"  # {f.metadata['help']}" if commented else ""
+                lines.append(f"  {value}{comment}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(commented=False), encoding="utf-8")
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> Config:
+        """Check values and cross-field rules; raise ConfigError naming the key. Returns self."""
+        d, t, lo, lora = self.data, self.train, self.loss, self.lora
+        checks = [
+            (t.lr > 0, "train.lr must be > 0"),
+            (lo.beta > 0, "loss.beta must be > 0"),
+            (0.0 <= lo.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
+            (lo.nll_weight >= 0, "loss.nll_weight must be >= 0"),
+            (d.max_length >= 2, "data.max_length must be >= 2"),
+            (d.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
+            (
+                d.max_prompt_length < d.max_length,
+                f"data.max_prompt_length ({d.max_prompt_length}) must be < data.max_length ({d.max_length}), "
+                "or no room is left for the response",
+            ),
+            (d.pad_to_multiple_of >= 0, "data.pad_to_multiple_of must be >= 0"),
+            (len(d.train_files) > 0, "data.train_files is empty: give at least one file"),
+            (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+            (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
+            (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+            (t.max_steps == -1 or t.max_steps >= 1, "train.max_steps must be >= 1, or -1 to use train.epochs"),
+            (t.max_steps >= 1 or t.epochs > 0, "train.epochs must be > 0 when train.max_steps is -1"),
+            (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
+            (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (t.log_every >= 1, "train.log_every must be >= 1"),
+            (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
+            (lora.r >= 1 and lora.alpha > 0, "lora.r must be >= 1 and lora.alpha > 0"),
+            (0.0 <= lora.dropout < 1.0, "lora.dropout must be in [0, 1)"),
+            (len(lora.target_modules) > 0, "lora.target_modules is empty"),
+            (
+                self.reference.mode != "adapter" or lora.enabled,
+                "reference.mode=adapter needs lora.enabled=true (the reference is the base with adapters off)",
+            ),
+            (set(t.report_to) <= {"tensorboard"}, f"train.report_to: unknown logger in {t.report_to}; known: tensorboard"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        from dpokit.losses import LOSSES  # torch-only module; imported here to keep config light
+
+        if lo.type not in LOSSES:
+            raise ConfigError(f"loss.type '{lo.type}' is not one of: {', '.join(sorted(LOSSES))}")
+        return self
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _suggest(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+
+
+def _build_section(cls: type, value: Any, section: str, where: str) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: section '{section}' must be a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, item in value.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(item, hints[key], f"{section}.{key}", where)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check `value` against the type annotation `hint`; allow only lossless conversions."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # a single file is a list of one
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {hint}")  # pragma: no cover - schema bug

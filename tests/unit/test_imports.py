@@ -1,0 +1,17 @@
+"""Light imports: the maths, collation and config modules never pull in the heavy stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("transformers", "accelerate", "peft", "datasets")
+
+
+@pytest.mark.parametrize("module", ["dpokit", "dpokit.losses", "dpokit.logps", "dpokit.collate", "dpokit.config", "dpokit.errors"])
+def test_module_imports_without_heavy_dependencies(module: str) -> None:
+    code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} imported {out.stdout.strip()}"
