@@ -1,4 +1,4 @@
-"""Command line: `dpokit train | evaluate | config | pairs`.
+"""Command line: `dpokit train | evaluate | config | pairs | demo`.
 
 Only argument parsing lives here: each command builds a Config and calls the library. Errors the
 user can fix (DpokitError) print one line and exit 2; `--debug` shows the traceback instead.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
 from dpokit.config import Config
-from dpokit.errors import DpokitError
+from dpokit.errors import ConfigError, DpokitError
 
 
 def _load_config(path: str | None, overrides: list[str]) -> Config:
@@ -21,11 +22,26 @@ def _load_config(path: str | None, overrides: list[str]) -> Config:
     return cfg.override(overrides) if overrides else cfg
 
 
+def _validated(cfg: Config, path: str | None, overrides: list[str]) -> Config:
+    """Config.validate(), with the message saying where the values came from (validate only knows keys)."""
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        sources = [path] if path else []
+        sources += ["command-line overrides"] if overrides else []
+        raise ConfigError(f"{' + '.join(sources) or 'built-in defaults'}: {exc}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dpokit.trainer import train
 
-    cfg = _load_config(args.config, args.overrides)
+    cfg = _validated(_load_config(args.config, args.overrides), args.config, args.overrides)
     result = train(cfg)
+    if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
+        again = [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
+        command = shlex.join(["dpokit", "train", args.config, *again])
+        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
+        return 128 + result.stopped_by  # the shell's code for death by that signal: the run is not finished
     print(f"done: {result.steps} steps; outputs in {result.output_dir}")
     return 0
 
@@ -102,6 +118,13 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("pairs", help="sample responses, label them with a judge, write preference pairs")
     pairs.add_pairs_arguments(pp)
     pp.set_defaults(func=pairs.pairs_command)
+    try:
+        from dpokit import demo
+    except ImportError:  # pragma: no cover - module missing in a partial install
+        return
+    dp = sub.add_parser("demo", help="LoRA DPO of SmolLM2 towards positive movie reviews, with a before/after report")
+    demo.add_demo_arguments(dp)
+    dp.set_defaults(func=demo.demo_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,26 @@ class DataConfig:
     )
     on_bad_row: Literal["error", "skip"] = _f("error", "a malformed row stops the run (error) or is skipped and counted")
     pad_to_multiple_of: int = _f(8, "pad batch length up to a multiple of this (0 = no rounding)")
+    group_by_length: bool = _f(
+        True,
+        "batch pairs of similar length (less padding): each epoch is shuffled, sorted by length within "
+        "chunks of 64 optimizer steps, and the steps' order shuffled again; deterministic and resumable",
+    )
+    packing: bool = _f(
+        False,
+        "padding-free: pack a micro-batch's sequences back to back in rows (positions restart per "
+        "sequence, attention kept within each); same log-probs as padded, fewer FLOPs",
+    )
+    prefix_sharing: bool = _f(
+        False,
+        "run each pair as one [prompt, chosen, rejected] sequence so the prompt is computed once "
+        "(rejected attends to the prompt, not to chosen); needs model.attn_implementation sdpa or eager",
+    )
+    packing_max_tokens: int = _f(
+        0,
+        "max tokens per packed row (first-fit); 0 = auto: the row count a FLOP model of the policy finds "
+        "cheapest (dense-mask attention grows with row length; flash_attention_2: one row)",
+    )
 
 
 @dataclass
@@ -79,8 +99,15 @@ class ReferenceConfig:
         "copy = frozen copy of the model; adapter = the LoRA base with adapters disabled",
     )
     name_or_path: str | None = _f(None, "a different reference model (copy mode); default: model.name_or_path")
-    precompute: bool = _f(False, "compute reference log-probs once before training and cache them on disk")
-    cache_dir: str | None = _f(None, "where reference log-prob caches live (default: ~/.cache/dpokit/ref_logps)")
+    precompute: bool = _f(
+        False,
+        "compute reference log-probs for every train/eval pair in one pass before training and cache them on "
+        "disk; training then keeps no reference model in memory and runs one forward per step. "
+        "`dpokit evaluate` reuses a matching cache; with this set it also writes one",
+    )
+    cache_dir: str | None = _f(
+        None, "where reference log-prob caches live (default: $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps)"
+    )
 
 
 @dataclass
@@ -117,6 +144,15 @@ class TrainConfig:
     log_every: int = _f(10, "optimizer steps between log lines / metrics.jsonl rows")
     eval_every: int = _f(0, "optimizer steps between evaluations (0 = only at the end)")
     save_every: int = _f(0, "optimizer steps between checkpoints (0 = only the final model)")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep in output_dir/checkpoints")
+    resume: str | bool = _f(
+        "no",
+        "no = start fresh; auto = continue from the newest complete checkpoint in output_dir/checkpoints "
+        "(fresh if there is none); or the path of one checkpoint folder",
+    )
+    max_bad_steps: int = _f(
+        5, "consecutive steps with a non-finite loss or gradient (each skipped) before the run stops"
+    )
     report_to: list[str] = _f([], "extra loggers: tensorboard")
     progress_bar: bool = _f(True, "show a progress bar (step, loss, accuracy, ETA)")
 
@@ -222,6 +258,12 @@ class Config:
                 "or no room is left for the response",
             ),
             (d.pad_to_multiple_of >= 0, "data.pad_to_multiple_of must be >= 0"),
+            (d.packing_max_tokens >= 0, "data.packing_max_tokens must be >= 0 (0 = auto)"),
+            (
+                not d.prefix_sharing or self.model.attn_implementation in ("sdpa", "eager"),
+                f"data.prefix_sharing needs a 4D attention mask, which model.attn_implementation="
+                f"{self.model.attn_implementation} does not take; use sdpa or eager (or data.packing alone)",
+            ),
             (len(d.train_files) > 0, "data.train_files is empty: give at least one file"),
             (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
@@ -233,6 +275,9 @@ class Config:
             (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
             (t.log_every >= 1, "train.log_every must be >= 1"),
             (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
+            (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+            (t.resume is not True and t.resume != "", "train.resume must be no, auto or a checkpoint folder"),
             (lora.r >= 1 and lora.alpha > 0, "lora.r must be >= 1 and lora.alpha > 0"),
             (0.0 <= lora.dropout < 1.0, "lora.dropout must be in [0, 1)"),
             (len(lora.target_modules) > 0, "lora.target_modules is empty"),
@@ -280,7 +325,13 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, where)
+        # First alternative that accepts the value wins: `str | bool` takes YAML's `no` (read as False).
+        for alternative in inner[:-1]:
+            try:
+                return _coerce(value, alternative, key, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, args))}")

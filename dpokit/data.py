@@ -10,7 +10,8 @@ Files (`expand_files`, `read_rows`)
     ``.parquet``    rows numbered by index (0-based).
     folder          written by ``datasets.Dataset.save_to_disk`` (has dataset_info.json / state.json),
                     rows numbered by index (0-based); any other folder = its data files (not recursive).
-    A UTF-8 BOM is stripped and CRLF line ends are accepted everywhere.
+    A UTF-8 BOM is stripped and CRLF line ends are accepted everywhere. Compressed, binary or UTF-16
+    files and files without a single row are refused with a message saying so.
 
 Row formats (`normalize_row`, detected per row unless ``data.format`` forces one)
     standard        {"prompt": str, "chosen": str, "rejected": str}
@@ -23,13 +24,26 @@ Row formats (`normalize_row`, detected per row unless ``data.format`` forces one
                     whitespace run so no word is split (the response keeps its leading space).
 
 Tokenization (`tokenize_pair`) follows docs/design.md: prompt and responses are tokenized separately
-and concatenated, so the prompt/response boundary is exact by construction.
+and concatenated, so the prompt/response boundary is exact by construction. A text much longer than
+max_length (over `_PRECUT_CHARS_PER_TOKEN` characters per allowed token) is cut to that window before
+tokenizing, so one 10 MB row costs milliseconds instead of a full tokenization of text truncation drops.
+
+Bad rows (`load_pairs`)
+    data.on_bad_row=error (default): the first malformed row raises DataError naming file, row, field.
+    data.on_bad_row=skip: malformed rows (unparseable line, wrong type, missing/empty field, identical
+    responses, bad roles, a chat template failing on the row) are skipped, counted in the summary and
+    written to `skipped_path`. File-level problems (missing, empty, binary, unreadable file, no
+    chosen/rejected columns) and model problems (no chat template / EOS) always raise.
+    Duplicate pairs (same prompt, chosen, rejected) are kept and counted with a warning in the summary,
+    as are contradictory pairs (same prompt, chosen and rejected swapped): repeating a pair is a
+    legitimate way to weight it, and silently dropping rows would change the data behind the user's back.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import math
@@ -164,13 +178,22 @@ def _expand_path(path: Path) -> list[Path]:
         children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
         files = [p for p in children if (p.is_file() and p.suffix.lower() in DATA_SUFFIXES) or _is_saved_dataset(p)]
         if not files:
+            names = [p.name + ("/" if p.is_dir() else "") for p in children]
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             raise DataError(
-                str(path), f"folder has no data files ({', '.join(DATA_SUFFIXES)}) and is not a save_to_disk folder"
+                str(path),
+                f"folder has no data files (expected {', '.join(DATA_SUFFIXES)} files or a save_to_disk folder; "
+                f"it holds {shown or 'nothing'})",
             )
         return files
     if path.suffix.lower() not in DATA_SUFFIXES:
-        raise DataError(str(path), f"unsupported file type '{path.suffix}'; use one of {', '.join(DATA_SUFFIXES)}")
+        raise DataError(str(path), _unsupported(path))
     return [path]
+
+
+def _unsupported(path: Path) -> str:
+    what = f"'{path.suffix}'" if path.suffix else "(no extension)"
+    return f"unsupported file type {what}; expected one of {', '.join(DATA_SUFFIXES)} (the extension picks the reader)"
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -178,19 +201,67 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in markers)
 
 
+@dataclass
+class _Unreadable:
+    """A record that could not be parsed into a row: skippable under data.on_bad_row=skip."""
+
+    error: DataError
+    text: str | None  # the record's raw text (lossily decoded), for skipped.jsonl
+
+
+_Record = tuple[int, "dict[str, Any] | _Unreadable"]
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row number, row) for every record of one file; see the module docstring for numbering."""
-    path = Path(path)
+    for rownum, value in _records(Path(path)):
+        if isinstance(value, _Unreadable):
+            raise value.error
+        yield rownum, value
+
+
+def _records(path: Path) -> Iterator[_Record]:
+    """Like `read_rows`, but a record that cannot be parsed is yielded as `_Unreadable`, not raised.
+
+    File-level problems (missing, binary, not a JSON document, no chosen/rejected columns) still raise:
+    no row of such a file can be trusted, so there is nothing to skip.
+    """
     if path.is_dir():
         yield from _read_saved_dataset(path)
         return
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise DataError(str(path), f"unsupported file type '{path.suffix}'; use one of {', '.join(DATA_SUFFIXES)}")
+        raise DataError(str(path), _unsupported(path))
     if not path.is_file():
         raise DataError(str(path), "no such file")
+    if reader is not _read_parquet:
+        _refuse_binary(path)
     yield from reader(path)
+
+
+# Leading bytes of files that are not UTF-8 text: a clear message beats "invalid UTF-8 at line 1".
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed; decompress it first (gunzip)"),
+    (b"PK\x03\x04", "a zip archive; extract it first"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed; decompress it first (zstd -d)"),
+    (b"BZh", "bzip2-compressed; decompress it first (bunzip2)"),
+    (b"\xfd7zXZ\x00", "xz-compressed; decompress it first (unxz)"),
+    (b"PAR1", "a Parquet file; give it the .parquet extension"),
+    (b"\xff\xfe", "UTF-16 text; re-save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text; re-save it as UTF-8"),
+)
+
+
+def _refuse_binary(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(8192)
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            raise DataError(str(path), f"expected UTF-8 text, but the file is {what}")
+    if b"\x00" in head:  # never in UTF-8 JSON or CSV text
+        line = 1 + head.count(b"\n", 0, head.index(b"\x00"))
+        raise _line_error(path, line, "expected UTF-8 text, but the file is binary (it holds NUL bytes)")
 
 
 def _decode(path: Path, raw: bytes, first_line: int = 1) -> str:
@@ -207,27 +278,64 @@ def _decode(path: Path, raw: bytes, first_line: int = 1) -> str:
 
 def _as_object(path: Path, where: str, row: int, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _located_error(path, where, f"expected a JSON object, got {_type_name(value)}", row, None)
+        raise _not_object(path, where, row, value)
     return value
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _not_object(path: Path, where: str, row: int, value: Any) -> DataError:
+    return _located_error(path, where, f"expected a JSON object, got {_type_name(value)}", row, None)
+
+
+def _read_jsonl(path: Path) -> Iterator[_Record]:
+    first = True
     with path.open("rb") as f:
         # Split on b"\n" only (not str.splitlines): U+2028 etc. may legally sit inside JSON strings.
         for lineno, raw in enumerate(f, start=1):
-            text = _decode(path, raw, first_line=lineno).strip()  # strip() also drops the CR of CRLF
+            try:
+                text = _decode(path, raw, first_line=lineno).strip()  # strip() also drops the CR of CRLF
+            except DataError as e:
+                yield lineno, _Unreadable(e, raw.decode("utf-8", "replace").rstrip("\r\n"))
+                continue
             if not text:
                 continue
+            # A pretty-printed JSON document saved as .jsonl fails on its first line; say what it is.
+            hint = "; the file looks like one JSON document: name it .json" if first and text[0] == "[" else ""
+            first = False
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                raise _line_error(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            yield lineno, _as_object(path, f"line {lineno}", lineno, value)
+                if not raw.endswith(b"\n"):  # only the last line lacks a line end
+                    hint += "; the last line has no line end, so the file looks truncated"
+                error = _line_error(path, lineno, f"invalid JSON ({_json_problem(e)}){hint}")
+                yield lineno, _Unreadable(error, text)
+                continue
+            if isinstance(value, dict):
+                yield lineno, value
+            else:
+                error = _not_object(path, f"line {lineno}", lineno, value)
+                error.args = (error.args[0] + hint,)
+                yield lineno, _Unreadable(error, text)
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    """json's message with its column: "expecting ',' delimiter at column 34"."""
+    message = e.msg[:1].lower() + e.msg[1:]
+    at = " column" if message.endswith(" at") else " at column"  # "Unterminated string starting at"
+    return f"{message}{at} {e.colno}"
+
+
+def _json_is_lines(path: str) -> bool:
+    """True if a .json file holds JSON Lines (several top-level values) rather than one document."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _json_is_lines_cached(path, st.st_mtime_ns, st.st_size)
 
 
 @lru_cache(maxsize=256)
-def _json_is_lines(path: str) -> bool:
-    """True if a .json file holds JSON Lines (several top-level values) rather than one document."""
+def _json_is_lines_cached(path: str, mtime_ns: int, size: int) -> bool:
+    # Keyed on mtime and size too, so a file rewritten in place is classified afresh.
     try:
         json.loads(_decode(Path(path), Path(path).read_bytes()))
     except json.JSONDecodeError as e:
@@ -237,7 +345,7 @@ def _json_is_lines(path: str) -> bool:
     return False
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_json(path: Path) -> Iterator[_Record]:
     text = _decode(path, path.read_bytes())
     try:
         data = json.loads(text)
@@ -245,7 +353,10 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if e.msg == "Extra data":  # JSON Lines in a .json file, as Dataset.to_json writes by default
             yield from _read_jsonl(path)
             return
-        raise _line_error(path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        # An unterminated string runs to the end of the file; other errors at the very end mean it stops early.
+        ends_early = e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+        truncated = "; the document ends early, so the file looks truncated" if ends_early else ""
+        raise _line_error(path, e.lineno, f"invalid JSON ({_json_problem(e)}){truncated}") from None
     if isinstance(data, dict) and "chosen" in data:
         data = [data]  # a single row
     elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -257,44 +368,64 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             f"expected a list of rows or an object with one key holding that list, got {_type_name(data)}{keys}",
         )
     for i, value in enumerate(data):
-        yield i, _as_object(path, f"row {i} (0-based)", i, value)
+        if isinstance(value, dict):
+            yield i, value
+        else:
+            yield i, _Unreadable(_not_object(path, f"row {i} (0-based)", i, value), json.dumps(value)[:1000])
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _require_columns(path: Path, columns: Sequence[str], header_line: int | None = None) -> None:
+    """A table without chosen/rejected columns is the wrong file (or needs renaming), not N bad rows."""
+    for name in ("chosen", "rejected"):
+        if name not in columns:
+            found = ", ".join(map(str, columns)) or "none"
+            message = f"no '{name}' column; expected prompt/chosen/rejected columns, found: {found}"
+            if header_line is None:
+                raise DataError(str(path), message, field=name)
+            raise _located_error(path, f"line {header_line} (header)", message, header_line, name)
+
+
+def _read_csv(path: Path) -> Iterator[_Record]:
     text = _decode(path, path.read_bytes())
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long responses exceed the 128 KiB default
     reader = csv.reader(io.StringIO(text, newline=""))
     start = 1
     try:
         header = [name.strip() for name in next(reader, [])]
+        if header:
+            _require_columns(path, header, header_line=1)
         start = reader.line_num + 1
         for record in reader:
             if record:  # csv yields [] for blank lines
                 if len(record) != len(header):
-                    raise _line_error(
+                    error = _line_error(
                         path, start, f"expected {len(header)} columns ({', '.join(header)}), got {len(record)}"
                     )
-                yield start, dict(zip(header, record))
+                    yield start, _Unreadable(error, ",".join(record)[:1000])
+                else:
+                    yield start, dict(zip(header, record))
             start = reader.line_num + 1
     except csv.Error as e:
         raise _line_error(path, start, f"invalid CSV: {e}") from None
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_parquet(path: Path) -> Iterator[_Record]:
     import pyarrow.parquet as pq
 
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(str(path), f"cannot read Parquet file: {e}") from None
     index = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
+    try:  # a truncated file fails on open (no footer) or on a row group; both are file-level problems
+        parquet = pq.ParquetFile(path)
+        _require_columns(path, parquet.schema_arrow.names)
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield index, row
+                index += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        where = f" (after {index} rows)" if index else ""
+        raise DataError(str(path), f"cannot read Parquet file{where}: {e}") from None
 
 
-def _read_saved_dataset(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_saved_dataset(path: Path) -> Iterator[_Record]:
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
         raise DataError(str(path), f"folder holds a DatasetDict with splits {splits}; pass one split's folder instead")
@@ -306,6 +437,7 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         dataset = load_from_disk(str(path))
     except (OSError, ValueError) as e:
         raise DataError(str(path), f"cannot load save_to_disk folder: {e}") from None
+    _require_columns(path, dataset.column_names)
     yield from enumerate(dataset)
 
 
@@ -339,6 +471,16 @@ def normalize_row(row: dict[str, Any], path: str | Path, rownum: int, fmt: str =
             prompt, chosen, rejected = _text(row["prompt"], path, rownum, "prompt"), texts["chosen"], texts["rejected"]
         else:
             prompt, chosen, rejected = split_implicit_prompt(texts["chosen"], texts["rejected"])
+            if not prompt.strip():
+                # Nothing shared to infer a prompt from: far likelier a standard row that lost its
+                # prompt than a real implicit pair, and an empty prompt cannot be scored anyway.
+                raise _row_error(
+                    path,
+                    rownum,
+                    "missing field 'prompt' (and chosen/rejected share no leading text to use as an implicit prompt); "
+                    f"expected prompt/chosen/rejected text (fields present: {', '.join(map(str, row))})",
+                    "prompt",
+                )
             for name, response in (("chosen", chosen), ("rejected", rejected)):
                 if not response.strip():
                     raise _row_error(
@@ -460,6 +602,14 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------------------------
 # Tokenization and truncation
 
+# Texts far longer than max_length are cut before tokenizing: tokenizing a 10 MB row takes ~20 s and
+# truncation would throw almost all of it away. The window holds CHARS_PER_TOKEN characters for every
+# token truncation can keep, plus MARGIN tokens, and the cut is placed at a word boundary, so the
+# tokens that are kept are the same as with the whole text. If a window yields too few tokens to be
+# sure (over 32 characters per token on average), the whole text is tokenized after all.
+_PRECUT_CHARS_PER_TOKEN = 32
+_PRECUT_MARGIN_TOKENS = 16
+
 
 @dataclass
 class _Encoded:
@@ -469,6 +619,8 @@ class _Encoded:
     reason: str | None  # why the pair is dropped (pair is None)
     lengths: tuple[int, int, int]  # prompt/chosen/rejected tokens before truncation
     truncated: tuple[bool, bool, bool]
+    precut: bool = False  # a text was cut before tokenizing: `lengths` are lower bounds
+    error: DataError | None = None  # the row could not be rendered (only under on_bad_row=skip)
 
 
 def tokenize_pair(
@@ -496,36 +648,127 @@ def tokenize_pairs(
     each rendered conversation, all without special tokens (the template holds them).
     """
     encoded = _encode(pairs, tokenizer, max_length, max_prompt_length, truncation_mode)
-    return [e.pair if e.pair is not None else e.reason for e in encoded]
+    return [e.pair if e.pair is not None else e.reason for e in encoded]  # type: ignore[misc]
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    name = getattr(tokenizer, "name_or_path", "")
+    return f"the tokenizer of {name}" if name else "the tokenizer"
 
 
 def _encode(
-    pairs: Sequence[RawPair], tokenizer: Any, max_length: int | None, max_prompt_length: int | None, mode: str
+    pairs: Sequence[RawPair],
+    tokenizer: Any,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    mode: str,
+    skip_bad_rows: bool = False,
 ) -> list[_Encoded]:
     if mode not in TRUNCATION_MODES:
         raise ConfigError(f"data.truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
-    texts = [_render(pair, tokenizer) for pair in pairs]  # (prompt, chosen, rejected) strings
     plain = [i for i, p in enumerate(pairs) if p.kind != "conversational"]
     chat = [i for i, p in enumerate(pairs) if p.kind == "conversational"]
+    # Tokenizer problems are not the rows' fault: never skipped, but located at the first row they hit.
+    if chat and not getattr(tokenizer, "chat_template", None):
+        first = pairs[chat[0]]
+        raise ModelError(
+            f"{first.source}, {describe_row(first.source, first.row)}: conversational row (message lists; "
+            f"{len(chat)} such rows) but {_tokenizer_name(tokenizer)} has no chat_template to render it; "
+            "use a tokenizer with one, or convert the data to prompt/chosen/rejected text"
+        )
     eos = None
     if plain:
         eos = tokenizer.eos_token_id
         if eos is None:
-            raise ModelError("the tokenizer has no eos_token, which plain-text responses must end with; set one")
+            first = pairs[plain[0]]
+            raise ModelError(
+                f"{first.source}, {describe_row(first.source, first.row)}: plain-text responses must end with "
+                f"an EOS token, but {_tokenizer_name(tokenizer)} has no eos_token; set one"
+            )
 
+    errors: dict[int, DataError] = {}
+    texts: list[tuple[str, str, str]] = []  # (prompt, chosen, rejected) strings
+    for i, pair in enumerate(pairs):
+        try:
+            texts.append(_render(pair, tokenizer))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            errors[i] = e
+            texts.append(("", "", ""))  # placeholder, never used
+    plain = [i for i in plain if i not in errors]
+    chat = [i for i in chat if i not in errors]
+    good = [i for i in range(len(pairs)) if i not in errors]
+
+    prompt_keep = max_prompt_length if max_prompt_length is not None else max_length
     prompts: list[list[int]] = [[] for _ in pairs]
+    precut = [False] * len(pairs)
     for group, special in ((plain, True), (chat, False)):
-        for i, ids in zip(group, _batch_ids(tokenizer, [texts[i][0] for i in group], special)):
-            prompts[i] = ids
-    responses = _batch_ids(tokenizer, [t[k] for t in texts for k in (1, 2)], False)  # chosen, rejected interleaved
+        ids, cut = _tokenize_window([texts[i][0] for i in group], tokenizer, special, prompt_keep, mode == "keep_start")
+        for i, pids, was_cut in zip(group, ids, cut):
+            prompts[i], precut[i] = pids, was_cut
+    responses: dict[tuple[int, int], list[int]] = {}
+    keys = [(i, k) for i in good for k in (1, 2)]
+    ids, cut = _tokenize_window([texts[i][k] for i, k in keys], tokenizer, False, max_length, True)
+    for key, rids, was_cut in zip(keys, ids, cut):
+        responses[key] = rids
+        precut[key[0]] |= was_cut
 
     bos = getattr(tokenizer, "bos_token_id", None)
     out = []
     for i, pair in enumerate(pairs):
-        suffix = [eos] if pair.kind != "conversational" else []
-        chosen, rejected = responses[2 * i] + suffix, responses[2 * i + 1] + suffix
-        out.append(_truncate(prompts[i], chosen, rejected, max_length, max_prompt_length, mode, bos))
+        if i in errors:
+            out.append(_Encoded(None, None, (0, 0, 0), (False, False, False), error=errors[i]))
+            continue
+        chosen, rejected = responses[i, 1], responses[i, 2]
+        if pair.kind != "conversational":  # plain text ends with EOS, unless the text already has it
+            chosen, rejected = (r if r and r[-1] == eos else r + [eos] for r in (chosen, rejected))
+        encoded = _truncate(prompts[i], chosen, rejected, max_length, max_prompt_length, mode, bos)
+        encoded.precut = precut[i]
+        out.append(encoded)
     return out
+
+
+def _tokenize_window(
+    texts: list[str], tokenizer: Any, add_special_tokens: bool, keep: int | None, keep_start: bool
+) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of each text, tokenizing only the window that can hold the `keep` tokens truncation keeps.
+
+    Returns the ids and, per text, whether it was cut (its ids then stop short of the full length).
+    """
+    windows = [_precut(text, keep, keep_start) for text in texts]
+    ids = _batch_ids(tokenizer, windows, add_special_tokens)
+    cut = [len(w) < len(t) for w, t in zip(windows, texts)]
+    if keep is not None:
+        # Too few tokens to be sure the kept ones are far from the cut: tokenize the whole text.
+        retry = [i for i in range(len(texts)) if cut[i] and len(ids[i]) < keep + _PRECUT_MARGIN_TOKENS]
+        for i, full in zip(retry, _batch_ids(tokenizer, [texts[i] for i in retry], add_special_tokens)):
+            ids[i], cut[i] = full, False
+    return ids, cut
+
+
+def _precut(text: str, keep: int | None, keep_start: bool) -> str:
+    """The start (keep_start) or end of `text` long enough for `keep` tokens, cut before whitespace.
+
+    Cutting where whitespace follows a non-space character keeps word-level pre-tokenization (GPT-2
+    style byte-level BPE, SentencePiece) identical on the kept side; the token margin absorbs the rest.
+    """
+    if keep is None:
+        return text
+    window = _PRECUT_CHARS_PER_TOKEN * (keep + _PRECUT_MARGIN_TOKENS)
+    if len(text) <= window:
+        return text
+    slack = window // 4  # look for a word boundary in the outer quarter of the window
+    if keep_start:
+        for k in range(window, window - slack, -1):
+            if text[k].isspace() and not text[k - 1].isspace():
+                return text[:k]
+        return text[:window]
+    start = len(text) - window
+    for k in range(start, start + slack):
+        if text[k].isspace() and not text[k - 1].isspace():
+            return text[k:]
+    return text[start:]
 
 
 def _batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -538,11 +781,6 @@ def _render(pair: RawPair, tokenizer: Any) -> tuple[str, str, str]:
     """(prompt, chosen, rejected) text to tokenize; chat pairs are rendered with the chat template."""
     if pair.kind != "conversational":
         return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(
-            f"{pair.source} holds conversational rows (message lists) but the tokenizer has no chat_template; "
-            "use a tokenizer with one, or convert the data to prompt/chosen/rejected text"
-        )
     try:  # templates are arbitrary Jinja and may raise anything (e.g. "roles must alternate")
         prompt = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
         fulls = [
@@ -602,15 +840,21 @@ def _truncate(
 
 @dataclass
 class DataSummary:
-    """What `load_pairs` read, kept and dropped, for a one-screen report."""
+    """What `load_pairs` read, kept, dropped and skipped, for a one-screen report."""
 
     files: list[str] = field(default_factory=list)
-    n_read: int = 0
+    n_read: int = 0  # valid pairs read (skipped rows not included)
     n_kept: int = 0
     kinds: dict[str, int] = field(default_factory=dict)  # row format -> pairs read
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> pairs
     truncated: dict[str, int] = field(default_factory=dict)  # "prompt"/"chosen"/"rejected" -> kept pairs cut
     lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # part -> p50/p90/p99/max, before truncation
+    n_skipped: int = 0  # malformed rows skipped under data.on_bad_row=skip
+    skipped_examples: list[str] = field(default_factory=list)  # the first few skip messages
+    skipped_path: str | None = None  # where the skipped rows were written
+    n_duplicates: int = 0  # pairs identical to an earlier pair (kept)
+    n_contradictory: int = 0  # pairs whose swap (same prompt, chosen <-> rejected) came earlier (kept)
+    n_precut: int = 0  # pairs with a text cut before tokenizing (lengths above are lower bounds)
 
     @property
     def n_dropped(self) -> int:
@@ -620,12 +864,35 @@ class DataSummary:
         """A few lines of plain text for the console / log."""
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
         files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
-        lines = [f"data: {self.n_read} pairs read from {files} ({kinds}); {self.n_kept} kept, {self.n_dropped} dropped"]
+        skipped = f", {self.n_skipped} malformed rows skipped" if self.n_skipped else ""
+        lines = [
+            f"data: {self.n_read} pairs read from {files} ({kinds}); "
+            f"{self.n_kept} kept, {self.n_dropped} dropped{skipped}"
+        ]
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             lines.append(f"  dropped ({reason}): {n}")
+        if self.n_skipped:
+            where = f"; all listed in {self.skipped_path}" if self.skipped_path else ""
+            lines.append(f"  skipped (data.on_bad_row=skip): {self.n_skipped} rows{where}")
+            lines.extend(f"    {message}" for message in self.skipped_examples)
+        if self.n_duplicates:
+            lines.append(
+                f"  warning: {self.n_duplicates} duplicate pairs (same prompt, chosen and rejected as an earlier "
+                "pair); kept, so they weigh more: dedupe the data if that is not intended"
+            )
+        if self.n_contradictory:
+            lines.append(
+                f"  warning: {self.n_contradictory} contradictory pairs (an earlier pair has the same prompt with "
+                "chosen and rejected swapped); kept, their gradients cancel"
+            )
         if any(self.truncated.values()):
             cut = ", ".join(f"{part} {self.truncated.get(part, 0)}" for part in _PARTS)
             lines.append(f"  truncated among kept pairs: {cut}")
+        if self.n_precut:
+            lines.append(
+                f"  {self.n_precut} pairs hold texts far over data.max_length, cut before tokenizing "
+                "(their token lengths below are lower bounds)"
+            )
         if self.lengths:
             lines.append(f"  {'tokens (before truncation)':<28}{'p50':>7}{'p90':>7}{'p99':>7}{'max':>7}")
             for part in _PARTS:
@@ -643,49 +910,163 @@ def _percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank[50], "p90": rank[90], "p99": rank[99], "max": xs[-1]}
 
 
+def _pair_key(prompt: Any, chosen: Any, rejected: Any) -> bytes:
+    # A digest, not the texts: holding every text twice in a set would double the memory of big sets.
+    text = json.dumps([prompt, chosen, rejected], ensure_ascii=False, sort_keys=True)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _count_repeats(raw: list[RawPair]) -> tuple[int, int]:
+    """(duplicates, contradictory pairs) among `raw`, each counted at its later occurrence."""
+    seen: set[bytes] = set()
+    duplicates = contradictory = 0
+    for pair in raw:
+        key = _pair_key(pair.prompt, pair.chosen, pair.rejected)
+        if key in seen:
+            duplicates += 1
+        elif _pair_key(pair.prompt, pair.rejected, pair.chosen) in seen:
+            contradictory += 1
+        seen.add(key)
+    return duplicates, contradictory
+
+
 def _summarize(files: list[Path], raw: list[RawPair], encoded: list[_Encoded]) -> DataSummary:
-    kept = [e for e in encoded if e.pair is not None]
+    valid = [e for e in encoded if e.error is None]
+    kept = [e for e in valid if e.pair is not None]
+    duplicates, contradictory = _count_repeats([p for p, e in zip(raw, encoded) if e.error is None])
     return DataSummary(
         files=[str(f) for f in files],
-        n_read=len(raw),
+        n_read=len(valid),
         n_kept=len(kept),
-        kinds=dict(Counter(p.kind for p in raw)),
-        dropped=dict(Counter(e.reason for e in encoded if e.reason is not None)),
+        kinds=dict(Counter(p.kind for p, e in zip(raw, encoded) if e.error is None)),
+        dropped=dict(Counter(e.reason for e in valid if e.reason is not None)),
         truncated={part: sum(e.truncated[k] for e in kept) for k, part in enumerate(_PARTS)},
-        lengths={part: _percentiles([e.lengths[k] for e in encoded]) for k, part in enumerate(_PARTS)},
+        lengths={part: _percentiles([e.lengths[k] for e in valid]) for k, part in enumerate(_PARTS)},
+        n_duplicates=duplicates,
+        n_contradictory=contradictory,
+        n_precut=sum(e.precut for e in valid),
     )
+
+
+_SKIP_HINT = " (to skip malformed rows instead, set data.on_bad_row=skip)"
+_EMPTY_EXPECTED = {
+    ".jsonl": "one JSON object with prompt/chosen/rejected fields per line",
+    ".json": "a list of objects with prompt/chosen/rejected fields",
+    ".csv": "a header line (prompt,chosen,rejected) and one row per pair",
+    ".parquet": "prompt/chosen/rejected columns with at least one row",
+}
+
+
+def _skip_record(error: DataError, row: Any, text: str | None) -> dict[str, Any]:
+    """One line of skipped.jsonl: where, why, and the row itself when it could be parsed."""
+    record: dict[str, Any] = {
+        "file": error.path,
+        "row": error.row,
+        "location": describe_row(error.path, error.row) if error.row is not None else None,
+        "field": error.field,
+        "reason": error.detail,
+        "raw": row,
+    }
+    if row is None and text is not None:
+        record["text"] = text[:2000]  # the unparseable line, clipped: a binary blob need not be copied whole
+    return record
+
+
+def _write_skipped(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace `path` with this load's skipped rows; remove it when none were skipped (no stale lists)."""
+    path = Path(path)
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            # default=str: Parquet rows may hold dates or bytes, which JSON has no type for.
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
 def load_pairs(
-    files: str | Path | Sequence[str | Path], tokenizer: Any, data_cfg: Any
+    files: str | Path | Sequence[str | Path],
+    tokenizer: Any,
+    data_cfg: Any,
+    skipped_path: str | Path | None = None,
 ) -> tuple[list[TokenizedPair], DataSummary]:
     """Read, validate, normalise and tokenize every pair of `files`.
 
-    `data_cfg` needs `format`, `max_length`, `max_prompt_length` and `truncation_mode` attributes.
-    Invalid rows raise DataError (fail fast: a silently skipped row hides a broken file); pairs that
-    tokenization cannot keep are dropped and counted in the summary. TokenizedPair.index is the
-    pair's position in the returned list.
+    `data_cfg` needs `format`, `max_length`, `max_prompt_length` and `truncation_mode` attributes, and
+    may have `on_bad_row` ("error", the default, or "skip"). With "error" the first malformed row raises
+    DataError naming file, row and field. With "skip" malformed rows are left out, counted in the
+    summary and, if `skipped_path` is given, written there as JSON Lines (file, row, location, field,
+    reason, raw row or, if it could not be parsed, its text); the file is replaced on every call and
+    removed when nothing was skipped. File-level problems raise in both modes.
+
+    Pairs that tokenization cannot keep are dropped and counted in the summary. TokenizedPair.index is
+    the pair's position in the returned list.
     """
     fmt = getattr(data_cfg, "format", "auto")
+    on_bad_row = getattr(data_cfg, "on_bad_row", "error")
+    if on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row must be error or skip, got {on_bad_row!r}")
+    skip = on_bad_row == "skip"
     paths = expand_files(files)
-    raw = [normalize_row(row, path, rownum, fmt) for path in paths for rownum, row in read_rows(path)]
-    if not raw:
-        raise DataError(", ".join(map(str, paths)), "no rows found")
-    encoded = _encode(
-        raw,
-        tokenizer,
-        getattr(data_cfg, "max_length", None),
-        getattr(data_cfg, "max_prompt_length", None),
-        getattr(data_cfg, "truncation_mode", "keep_end"),
-    )
+
+    raw: list[RawPair] = []
+    skipped: list[dict[str, Any]] = []
+    for path in paths:
+        n_records = 0
+        for rownum, value in _records(path):
+            n_records += 1
+            try:
+                if isinstance(value, _Unreadable):
+                    raise value.error
+                raw.append(normalize_row(value, path, rownum, fmt))
+            except DataError as e:
+                if not skip:
+                    e.args = (e.args[0] + _SKIP_HINT,)
+                    raise
+                row = value if isinstance(value, dict) else None
+                skipped.append(_skip_record(e, row, value.text if isinstance(value, _Unreadable) else None))
+        if n_records == 0:
+            expected = _EMPTY_EXPECTED.get(path.suffix.lower(), "rows with prompt/chosen/rejected fields")
+            empty = "the file is empty" if path.is_file() and path.stat().st_size == 0 else "the file holds no rows"
+            raise DataError(str(path), f"{empty}; expected {expected}")
+
+    max_length = getattr(data_cfg, "max_length", None)
+    max_prompt_length = getattr(data_cfg, "max_prompt_length", None)
+    mode = getattr(data_cfg, "truncation_mode", "keep_end")
+    try:
+        encoded = _encode(raw, tokenizer, max_length, max_prompt_length, mode, skip_bad_rows=skip)
+    except DataError as e:  # only raised when not skipping: a row the chat template cannot render
+        e.args = (e.args[0] + _SKIP_HINT,)
+        raise
+    for pair, enc in zip(raw, encoded):
+        if enc.error is not None:
+            row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+            skipped.append(_skip_record(enc.error, row, None))
+    if skipped_path is not None:
+        _write_skipped(skipped_path, skipped)
+
+    summary = _summarize(paths, raw, encoded)
+    summary.n_skipped = len(skipped)
+    summary.skipped_examples = [
+        f"{r['file']}, {r['location']}" + (f", field '{r['field']}'" if r["field"] else "") + f": {r['reason']}"
+        for r in skipped[:3]
+    ]
+    summary.skipped_path = str(skipped_path) if skipped and skipped_path is not None else None
+    where = ", ".join(map(str, paths))
+    if summary.n_read == 0:
+        listed = f"; all are listed in {skipped_path}" if skipped_path is not None else ""
+        raise DataError(
+            where,
+            f"all {len(skipped)} rows are malformed and were skipped (first: {summary.skipped_examples[0]}){listed}",
+        )
     pairs = [e.pair for e in encoded if e.pair is not None]
     for index, pair in enumerate(pairs):
         pair.index = index
-    summary = _summarize(paths, raw, encoded)
     if not pairs:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in summary.dropped.items())
         raise DataError(
-            ", ".join(map(str, paths)),
-            f"all {len(raw)} pairs were dropped ({reasons}); check data.max_length / max_prompt_length",
+            where,
+            f"all {summary.n_read} pairs were dropped ({reasons}); check data.max_length / max_prompt_length",
         )
     return pairs, summary

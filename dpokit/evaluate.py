@@ -58,11 +58,13 @@ def evaluate(
     evaluate every pair of `data_files`. Settings (loss, beta, max_length, ...) come from `cfg`.
 
     Reference: `ref` if given; else the adapter's base with adapters off for an adapter folder;
-    none for reference-free losses.
+    none for reference-free losses. Its log-probs come from the reference cache (`dpokit.refcache`)
+    when one exists for exactly that reference + data; reference.precompute=true also writes one.
     """
     from dpokit import data, modeling
     from dpokit.errors import ConfigError
     from dpokit.losses import LOSSES
+    from dpokit.packing import build_collator
 
     cfg = cfg or Config()
     dtype = modeling.resolve_dtype(cfg.model.dtype)
@@ -71,6 +73,7 @@ def evaluate(
     if ref is not None:
         ref_model, _ = modeling.load_model_and_tokenizer(ref, cfg, dtype)
         reference = modeling.Reference("copy", model=ref_model.to(device).eval())
+        del ref_model  # only `reference` holds it now, so a cache hit below frees the model
     elif is_adapter:
         reference = modeling.Reference("adapter", policy=policy)
     elif LOSSES[cfg.loss.type].reference_free:
@@ -80,7 +83,16 @@ def evaluate(
     policy.to(device)
     pairs, summary = data.load_pairs(data_files, tokenizer, cfg.data)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = PreferenceCollator(pad_token_id=pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of or None)
+    # padded [chosen; rejected] rows by default; packed / prefix-shared rows with data.packing / data.prefix_sharing
+    collator = build_collator(cfg.data, pad_id, policy)  # the policy sizes packed rows
+    if reference.mode != "none":  # precomputed log-probs for exactly this reference + data, if cached
+        import sys
+
+        from dpokit import refcache
+
+        reference = refcache.cached_reference_for_eval(
+            reference, tokenizer, pairs, cfg, collator, device, log=lambda m: print(m, file=sys.stderr)
+        )  # stderr: stdout may be --json
     result = evaluate_pairs(policy, reference, pairs, cfg, collator)
     result["dropped"] = float(sum(summary.dropped.values()))
     return result

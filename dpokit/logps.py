@@ -12,6 +12,12 @@ Three implementations of the same quantity:
 * `chunked_lm_head_logps`: from the final hidden states and the LM-head weight; the (N, T, V)
   logits are never built, neither in forward nor in backward.
 
+Both lean paths are thin wrappers over `indexed_logps`, the general form: a list of scoring
+tuples ``(row, col, target, seq)`` = "the logits at (row, col) predict token ``target``, summed
+into sequence ``seq``". The padded layout derives them from ``completion_mask`` (seq = row); the
+packed / prefix-shared layouts of `dpokit.packing` carry them in the batch, where one (row, col)
+may predict two targets (the first chosen and first rejected token both follow the prompt).
+
 Imports only torch.
 """
 
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["chunked_lm_head_logps", "naive_sequence_logps", "sequence_logps"]
+__all__ = ["chunked_lm_head_logps", "indexed_logps", "naive_sequence_logps", "sequence_logps"]
 
 # Target size, in elements, of one fp32 (rows, V) working block when no chunk size is given:
 # 2**25 floats = 128 MiB, so the peak extra memory stays small next to the logits themselves.
@@ -51,10 +57,18 @@ def _scored_positions(input_ids: Tensor, completion_mask: Tensor) -> tuple[Tenso
     return rows, cols, targets, n_tokens
 
 
-def _sum_per_row(token_logps: Tensor, rows: Tensor, n_rows: int) -> Tensor:
-    """Scatter-add (M,) token log-probs into (N,) row sums (differentiable, rows without tokens get 0)."""
-    out = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device)  # (N,)
-    return out.index_add(0, rows, token_logps)
+def _sum_per_seq(token_logps: Tensor, seqs: Tensor, n_seqs: int) -> Tensor:
+    """Scatter-add (M,) token log-probs into (S,) sequence sums (differentiable, empty sequences get 0)."""
+    out = torch.zeros(n_seqs, dtype=token_logps.dtype, device=token_logps.device)  # (S,)
+    return out.index_add(0, seqs, token_logps)
+
+
+def _resolve_chunk(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None:
+        return max(1, _AUTO_CHUNK_ELEMENTS // max(1, vocab))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,7 +103,8 @@ class _GatheredTokenLogps(torch.autograd.Function):
 
     Backward writes ``g * (onehot - softmax)`` into only the selected rows of a zero gradient,
     recomputing the softmax chunk by chunk from the saved logits and logsumexp, so no (M, V)
-    fp32 tensor is kept alive between forward and backward.
+    fp32 tensor is kept alive between forward and backward. A (row, col) may be selected more
+    than once (prefix sharing scores two targets at the prompt's last position); the gradients add.
     """
 
     @staticmethod
@@ -119,8 +134,8 @@ class _GatheredTokenLogps(torch.autograd.Function):
             # in place: advanced indexing made `block` a fresh copy, so it can become the gradient
             grad_block = block.sub_(lse[sl].unsqueeze(-1)).exp_().mul_(-g)  # (c, V) -softmax * g
             grad_block.scatter_add_(-1, targets[sl].unsqueeze(-1), g)  # + onehot * g
-            # (row, col) pairs are unique, so a plain indexed assignment is a correct scatter
-            grad_logits[rows[sl], cols[sl]] = grad_block.to(logits.dtype)
+            # accumulate, not assign: a (row, col) can appear twice (two targets from one position)
+            grad_logits.index_put_((rows[sl], cols[sl]), grad_block.to(logits.dtype), accumulate=True)
         return grad_logits, None, None, None, None
 
 
@@ -143,15 +158,9 @@ def sequence_logps(
         (logps (N,) fp32, n_tokens (N,) long).
     """
     _check_shapes(logits, input_ids, completion_mask)
-    rows, cols, targets, n_tokens = _scored_positions(input_ids, completion_mask)
-    if chunk_size is None:
-        chunk = max(1, _AUTO_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
-    elif chunk_size >= 1:
-        chunk = chunk_size
-    else:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    token_logps = _GatheredTokenLogps.apply(logits, rows, cols, targets, chunk)  # (M,)
-    return _sum_per_row(token_logps, rows, logits.shape[0]), n_tokens
+    rows, cols, targets, _ = _scored_positions(input_ids, completion_mask)
+    # the padded layout scores each row as its own sequence
+    return indexed_logps(logits, rows, cols, targets, rows, logits.shape[0], chunk_size=chunk_size)
 
 
 class _LMHeadTokenLogps(torch.autograd.Function):
@@ -265,7 +274,65 @@ def chunked_lm_head_logps(
     _check_shapes(hidden, input_ids, completion_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    rows, cols, targets, n_tokens = _scored_positions(input_ids, completion_mask)
-    selected = hidden[rows, cols]  # (M, H): autograd scatters its grad back into (N, T, H)
-    token_logps = _LMHeadTokenLogps.apply(selected, weight, bias, targets, chunk_size, float(logit_scale))  # (M,)
-    return _sum_per_row(token_logps, rows, hidden.shape[0]), n_tokens
+    rows, cols, targets, _ = _scored_positions(input_ids, completion_mask)
+    return indexed_logps(
+        hidden, rows, cols, targets, rows, hidden.shape[0],
+        lm_head_weight=weight, bias=bias, logit_scale=logit_scale, chunk_size=chunk_size,
+    )
+
+
+def indexed_logps(
+    acts: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    targets: Tensor,
+    seqs: Tensor,
+    n_seqs: int,
+    *,
+    lm_head_weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Summed fp32 log-probs for explicit scoring tuples: the general form of both lean paths.
+
+    Tuple k says: the logits at ``(rows[k], cols[k])`` predict ``targets[k]``, and that log-prob is
+    added to sequence ``seqs[k]``. Nothing else is read, so any layout (padded, packed, prefix-shared)
+    works as long as it can list its tuples. A (row, col) may appear in several tuples.
+
+    Args:
+        acts: (R, T, V) logits when ``lm_head_weight`` is None, else (R, T, H) final hidden states
+            (then logits exist only for the M selected positions, ``chunk_size`` at a time).
+        rows, cols, targets, seqs: (M,) long each.
+        n_seqs: S, the number of sequences (``seqs`` values lie in [0, S)).
+        lm_head_weight: (V, H) LM-head weight, to score from hidden states; see `chunked_lm_head_logps`.
+        bias: Optional (V,) LM-head bias (hidden-state path only).
+        logit_scale: Logit multiplier (hidden-state path only).
+        chunk_size: Scored positions per fp32 block; default: ~128 MiB worth (logits path) or 1024.
+
+    Returns:
+        (logps (S,) fp32 sums, n_tokens (S,) long: tuples per sequence).
+    """
+    if not (rows.dim() == 1 and rows.shape == cols.shape == targets.shape == seqs.shape):
+        raise ValueError(
+            "rows, cols, targets and seqs must be 1-D and of equal length, got "
+            f"{tuple(rows.shape)}, {tuple(cols.shape)}, {tuple(targets.shape)}, {tuple(seqs.shape)}"
+        )
+    if acts.dim() != 3:
+        raise ValueError(f"expected (R, T, V) logits or (R, T, H) hidden states, got {tuple(acts.shape)}")
+    # index_add, not bincount: bincount sizes its output from the data, a device sync on GPU
+    n_tokens = torch.zeros(n_seqs, dtype=torch.long, device=seqs.device).index_add_(
+        0, seqs, torch.ones_like(seqs)
+    )  # (S,)
+    if lm_head_weight is None:
+        if bias is not None or logit_scale != 1.0:
+            raise ValueError("bias and logit_scale apply only with lm_head_weight (hidden-state input)")
+        chunk = _resolve_chunk(chunk_size, acts.shape[-1])
+        token_logps = _GatheredTokenLogps.apply(acts, rows, cols, targets, chunk)  # (M,)
+    else:
+        chunk = _resolve_chunk(1024 if chunk_size is None else chunk_size, lm_head_weight.shape[0])
+        selected = acts[rows, cols]  # (M, H): autograd scatter-adds its grad back into (R, T, H)
+        token_logps = _LMHeadTokenLogps.apply(
+            selected, lm_head_weight, bias, targets, chunk, float(logit_scale)
+        )  # (M,)
+    return _sum_per_seq(token_logps, seqs, n_seqs), n_tokens

@@ -71,6 +71,21 @@ class MetricAccumulator:
     def reset(self) -> None:
         self.sums, self.count = None, None
 
+    def merge(self, other: MetricAccumulator) -> None:
+        """Add another accumulator's pairs (e.g. one optimizer step's, once it is known to be finite)."""
+        if other.sums is None:
+            return
+        self.sums = other.sums if self.sums is None else self.sums + other.sums
+        self.count = other.count if self.count is None else self.count + other.count
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """The running sums (for checkpoints: a resumed run logs the same averages)."""
+        return {"sums": self.sums, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Tensor | None], device: torch.device | str = "cpu") -> None:
+        self.sums = None if state["sums"] is None else state["sums"].to(device)
+        self.count = None if state["count"] is None else state["count"].to(device)
+
 
 def is_finite_metrics(metrics: dict[str, float]) -> bool:
     return all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
@@ -103,7 +118,8 @@ class MetricsLogger:
             fh.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
+                if isinstance(v, (int, float)):  # not the `warnings` list
+                    self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
     def close(self) -> None:
@@ -113,6 +129,31 @@ class MetricsLogger:
 
 def _round(v: Any) -> Any:
     return float(f"{v:.6g}") if isinstance(v, float) and math.isfinite(v) else v
+
+
+def likelihood_displacement(history: list[dict[str, Any]], window: int = 5, min_drop: float = 1.0) -> str | None:
+    """A warning when chosen log-probs fall steadily while reward margins rise, else None.
+
+    DPO only pushes the *margin* up; it can do so while lowering the likelihood of the chosen
+    responses too ("likelihood displacement", Razin et al. 2024), moving probability mass to
+    responses that were in neither set. Looks at the last `window` logged training rows:
+    `logps/chosen` must fall in at least 3/4 of the intervals and by at least `min_drop` nats
+    overall, while `rewards/margins` rises over the window. Pure: rows in, message out.
+    """
+    rows = [r for r in history if "logps/chosen" in r and "rewards/margins" in r][-window:]
+    if window < 2 or len(rows) < window:
+        return None
+    chosen = [float(r["logps/chosen"]) for r in rows]
+    margins = [float(r["rewards/margins"]) for r in rows]
+    falls = sum(b < a for a, b in zip(chosen, chosen[1:]))
+    if falls * 4 < 3 * (window - 1) or chosen[0] - chosen[-1] < min_drop or margins[-1] <= margins[0]:
+        return None
+    return (
+        f"likelihood displacement: logps/chosen fell from {chosen[0]:.2f} to {chosen[-1]:.2f} over the last "
+        f"{window} log steps while rewards/margins rose from {margins[0]:.3f} to {margins[-1]:.3f}; the model "
+        "is making the preferred responses less likely too (Razin et al. 2024). Consider loss.nll_weight "
+        "(e.g. 0.1-1.0) to keep the chosen log-probs up"
+    )
 
 
 def format_line(step: int, total: int, metrics: dict[str, float]) -> str:

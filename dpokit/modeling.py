@@ -19,7 +19,7 @@ from torch import Tensor
 
 from dpokit.config import Config
 from dpokit.errors import ConfigError
-from dpokit.logps import chunked_lm_head_logps, sequence_logps
+from dpokit.logps import chunked_lm_head_logps, indexed_logps, sequence_logps
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -125,7 +125,11 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
 
     With `lm_head_chunk > 0` and a plain Linear head, logits are computed only at scored
     positions, chunk by chunk, so the (2B, T, V) logits tensor never exists.
+    A packed / prefix-shared batch (`dpokit.packing`, recognised by its ``score_index``) goes
+    through `_packed_logps`; the padded layout below is the default and the reference.
     """
+    if "score_index" in batch:
+        return _packed_logps(model, batch, lm_head_chunk)
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
     completion_mask = batch["completion_mask"]  # (2B, T)
     parts = _lm_head_parts(model) if lm_head_chunk > 0 else None
@@ -140,17 +144,83 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
     return PolicyLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
 
 
+def _attn_implementation(model: Any) -> str:
+    """The attention kernel the (possibly DDP- / PEFT-wrapped) model runs with."""
+    base = getattr(model, "module", model)  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
+
+
+def _packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model kwargs that keep the packed units of `batch` apart (see dpokit/packing.py).
+
+    What transformers 5.x does with them (masking_utils.create_causal_mask):
+    * a 4D ``attention_mask`` is passed to the kernel untouched: sdpa reads a bool mask (True =
+      attend), eager ADDS the mask to the scores, so eager needs 0 / -inf-like floats;
+    * ``attention_mask=None`` with ``position_ids`` that restart mid-row: packed sequences are
+      detected (a new sequence wherever the position does not grow by 1) and a block-diagonal causal
+      mask is built for sdpa / eager / flex; flash_attention_2 derives varlen cu_seqlens from the
+      same positions, but only for a single row (batch size 1).
+      The detection is skipped when a KV cache exists, and with ``use_cache=True`` (the config
+      default of a freshly loaded model, e.g. a reference) the forward creates one: the mask then
+      silently falls back to plain causal over the whole row. Hence ``use_cache=False`` always.
+    """
+    impl = _attn_implementation(model)
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]  # (R, T)
+    if "branch_ids" in batch:  # prefix sharing: "see the prompt, not the other branch" needs a 4D mask
+        from dpokit.packing import block_causal_mask
+
+        mask = block_causal_mask(batch["segment_ids"], batch["branch_ids"])  # (R, 1, T, T) bool
+        if impl == "eager":
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        elif impl != "sdpa":
+            raise ConfigError(
+                f"data.prefix_sharing needs model.attn_implementation sdpa or eager, the model runs {impl}"
+            )
+        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}
+    if "flash" in impl:  # varlen detection needs one row; rows are independent, so flattening is exact
+        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)  # (1, R*T)
+    return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+
+
+def _packed_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int) -> PolicyLogps:
+    """`concatenated_logps` for the packed / prefix-shared layouts: score the batch's tuples."""
+    rows, cols, targets, seqs = batch["score_index"]  # (M,) each
+    b = batch["pair_index"].shape[0]
+    r, t = batch["input_ids"].shape
+    inputs = _packed_model_inputs(model, batch)
+    parts = _lm_head_parts(model) if lm_head_chunk > 0 else None
+    if parts is not None:
+        decoder, weight, bias = parts
+        hidden = decoder(**inputs).last_hidden_state.reshape(r, t, -1)  # (R, T, H) (un-flattened for flash)
+        logps, lengths = indexed_logps(
+            hidden, rows, cols, targets, seqs, 2 * b, lm_head_weight=weight, bias=bias, chunk_size=lm_head_chunk
+        )
+    else:
+        logits = model(**inputs).logits.reshape(r, t, -1)  # (R, T, V)
+        logps, lengths = indexed_logps(logits, rows, cols, targets, seqs, 2 * b)
+    return PolicyLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
+
+
 # ---- reference --------------------------------------------------------------------------
 class Reference:
     """Computes reference log-probs for a batch; never tracks gradients.
 
     copy:    a frozen copy of the starting weights (or of reference.name_or_path)
     adapter: the policy's base weights with LoRA adapters switched off (no second model)
+    cached:  log-probs precomputed once (`dpokit.refcache`), looked up by batch["pair_index"];
+             no model at all. One table per split: never share a cached Reference across splits.
     none:    no reference; callers get None (reference-free losses)
     """
 
-    def __init__(self, mode: str, model: Any = None, policy: Any = None, lm_head_chunk: int = 1024):
+    def __init__(
+        self, mode: str, model: Any = None, policy: Any = None, lm_head_chunk: int = 1024, table: Any = None
+    ):
+        if mode == "cached" and table is None:
+            raise ValueError("Reference('cached') needs a table (dpokit.refcache.RefTable)")
         self.mode, self.model, self.policy, self.lm_head_chunk = mode, model, policy, lm_head_chunk
+        self.table = table  # refcache.RefTable in cached mode
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[Any]:
@@ -164,6 +234,8 @@ class Reference:
     def logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor] | tuple[None, None]:
         if self.mode == "none":
             return None, None
+        if self.mode == "cached":
+            return self.table.lookup(batch)
         with self._active() as model:
             was_training = model.training
             model.eval()  # no dropout in the reference
@@ -173,7 +245,11 @@ class Reference:
 
 
 def build_reference(cfg: Config, policy: Any, dtype: torch.dtype, lm_head_chunk: int = 1024) -> Reference:
-    """Build the reference the config asks for. Call before the policy is trained."""
+    """Build the live reference the config asks for. Call before the policy is trained.
+
+    With reference.precompute, `dpokit.refcache.precompute_references` builds cached references
+    instead (trainer.setup does); it reuses the policy rather than building a copy.
+    """
     mode = reference_mode(cfg)
     if mode == "none":
         return Reference("none")

@@ -144,6 +144,35 @@ def _resolve_alias(name: str, alias: GgufAlias) -> ModelSource:
     )
 
 
+# Models dpokit builds itself (random weights from a transformers config + a shipped tokenizer):
+# smoke runs and tests without any download. Name -> builder keyword arguments.
+BUILTIN_MODELS: dict[str, dict[str, Any]] = {
+    "tiny-random-llama": {"seed": 0, "hidden_size": 64, "num_layers": 2},
+}
+
+
+def _materialize_builtin(name: str) -> Path:
+    """Build a builtin model once into the cache (atomically) and return its folder."""
+    import os
+    import shutil
+    import tempfile
+
+    from dpokit.tiny import build_tiny_llama
+
+    cache = Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "models"
+    target = cache / f"{name}-v1"
+    if (target / "config.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
+    build_tiny_llama(tmp, **BUILTIN_MODELS[name])
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _looks_like_hub_id(text: str) -> bool:
     # "org/name" with no path punctuation: the shape of a Hugging Face Hub repo id.
     if text.startswith((".", "/", "~")) or "\\" in text:
@@ -164,6 +193,8 @@ def resolve_source(name_or_path: str | Path) -> ModelSource:
     alias = ALIASES.get(text.lower())
     if alias is not None:
         return _resolve_alias(text.lower(), alias)
+    if text.lower() in BUILTIN_MODELS:
+        return ModelSource("hf_dir", _materialize_builtin(text.lower()), None, name=text)
 
     path = Path(text).expanduser()
     if path.is_file():

@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
+from dpokit import checkpoint as ckpt
 from dpokit import metrics as M
 from dpokit.collate import PreferenceCollator, TokenizedPair
 from dpokit.config import Config
@@ -34,6 +40,8 @@ class TrainResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     written: dict[str, str] = field(default_factory=dict)
+    stopped_by: int = 0  # the signal that stopped the run early (0: it ran to the end)
+    checkpoint: str = ""  # the checkpoint written when it stopped early
 
 
 def loss_params(cfg: Config) -> LossParams:
@@ -96,22 +104,67 @@ class PairStream:
     """An endless, seeded stream of micro-batches over `pairs`, epoch after epoch.
 
     Each micro-batch takes the next `micro_batch_size * world_size` indices of the current
-    epoch's permutation and keeps this rank's slice, so every rank sees distinct pairs and the
+    epoch's order and keeps this rank's slice, so every rank sees distinct pairs and the
     position is one integer (`consumed`), which makes resuming exact.
+
+    The epoch's order is a pure function of (seed, epoch): a permutation, and with
+    `group_by_length` that permutation regrouped (`_group_by_length`) so that the pairs of one
+    optimizer step have similar lengths. The grouping unit is the optimizer step's pairs
+    (micro_batch x grad_accum x world), not the micro-batch, so micro_batch 4 x accum 1 and
+    micro_batch 1 x accum 4 still see the same pairs in the same steps.
     """
 
-    def __init__(self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, world: int = 1, rank: int = 0):
+    GROUP_STEPS = 64  # steps sorted together: larger = less padding, smaller = more randomness
+
+    def __init__(
+        self,
+        pairs: list[TokenizedPair],
+        micro_batch_size: int,
+        seed: int,
+        world: int = 1,
+        rank: int = 0,
+        group_by_length: bool = False,
+        grad_accum_steps: int = 1,
+    ):
         if len(pairs) < micro_batch_size * world:
             raise DpokitError(
                 f"only {len(pairs)} training pairs, fewer than one global micro-batch "
                 f"({micro_batch_size} x {world} processes); lower train.micro_batch_size"
             )
         self.pairs, self.mbs, self.seed, self.world, self.rank = pairs, micro_batch_size, seed, world, rank
+        self.group_by_length, self.accum = group_by_length, grad_accum_steps
         self.consumed = 0  # global micro-batches taken so far
+        # padded length of a pair's rows: the collator pads chosen and rejected to the longer one
+        self.lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+        self._cached: tuple[int, list[int]] | None = None  # (epoch, order): not rebuilt per micro-batch
 
     def _order(self, epoch: int) -> list[int]:
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.pairs), generator=g).tolist()
+        order = torch.randperm(len(self.pairs), generator=g).tolist()
+        if self.group_by_length:
+            order = self._group_by_length(order, g)
+        self._cached = (epoch, order)
+        return order
+
+    def _group_by_length(self, order: list[int], g: torch.Generator) -> list[int]:
+        """Cut the shuffled `order` into units of one optimizer step's pairs, sort by length
+        within chunks of GROUP_STEPS units, and shuffle the units' order.
+
+        Sorting only inside chunks keeps which pairs meet in a step random across epochs; the
+        stable sort breaks ties by the random permutation. Leftover pairs (fewer than one unit)
+        stay at the end in random order, so the epoch length in micro-batches is unchanged.
+        """
+        unit = self.mbs * self.world * self.accum
+        n_units = len(order) // unit
+        units: list[list[int]] = []
+        chunk = unit * self.GROUP_STEPS
+        for start in range(0, n_units * unit, chunk):
+            part = sorted(order[start : min(start + chunk, n_units * unit)], key=self.lengths.__getitem__)
+            units.extend(part[i : i + unit] for i in range(0, len(part), unit))
+        shuffled = torch.randperm(len(units), generator=g).tolist()
+        return [i for u in shuffled for i in units[u]] + order[n_units * unit :]
 
     def __iter__(self) -> Iterator[list[TokenizedPair]]:
         per_global = self.mbs * self.world
@@ -167,10 +220,11 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps: int) -
 def prepare_output_dir(cfg: Config) -> Path:
     """Create output_dir, refuse to clobber another run unless train.overwrite, check it is writable."""
     out = Path(cfg.train.output_dir)
-    if (out / "config.yaml").exists() and not cfg.train.overwrite:
+    resuming = ckpt.resume_mode(cfg.train.resume) != "no"  # continuing a run in its own folder
+    if (out / "config.yaml").exists() and not cfg.train.overwrite and not resuming:
         raise DpokitError(
-            f"train.output_dir {out} already holds a run (config.yaml); "
-            "choose another folder or pass train.overwrite=true"
+            f"train.output_dir {out} already holds a run (config.yaml); continue it with train.resume=auto, "
+            "choose another folder, or pass train.overwrite=true"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +246,7 @@ class Setup:
     eval_pairs: list[TokenizedPair]
     collator: PreferenceCollator
     lm_head_chunk: int
+    eval_reference: Any = None  # reference for eval_pairs; a separate table when precomputed
 
 
 def setup(cfg: Config, out: Path) -> Setup:
@@ -200,31 +255,115 @@ def setup(cfg: Config, out: Path) -> Setup:
     from accelerate.utils import set_seed
 
     from dpokit import data, modeling
+    from dpokit.packing import build_collator
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     dtype = modeling.resolve_dtype(cfg.model.dtype, accelerator.device)
     policy, tokenizer = modeling.load_policy(cfg, dtype)
     log = accelerator.print
-    train_pairs, summary = data.load_pairs(cfg.data.train_files, tokenizer, cfg.data)
+    skipped = out / "skipped.jsonl" if accelerator.is_main_process else None  # data.on_bad_row=skip lists them
+    train_pairs, summary = data.load_pairs(cfg.data.train_files, tokenizer, cfg.data, skipped_path=skipped)
     log(summary.render())
     eval_pairs: list[TokenizedPair] = []
     if cfg.data.eval_files:
-        eval_pairs, eval_summary = data.load_pairs(cfg.data.eval_files, tokenizer, cfg.data)
+        skipped_eval = out / "skipped_eval.jsonl" if accelerator.is_main_process else None
+        eval_pairs, eval_summary = data.load_pairs(
+            cfg.data.eval_files, tokenizer, cfg.data, skipped_path=skipped_eval
+        )
         log(eval_summary.render())
     if not train_pairs:
         raise DpokitError("no training pairs left after validation and truncation (see the summary above)")
     # The decoder-direct chunked head bypasses the wrapper's forward, which DDP/FSDP need.
     lm_head_chunk = 1024 if accelerator.num_processes == 1 else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # padded [chosen; rejected] rows by default; packed / prefix-shared rows with data.packing / data.prefix_sharing
+    collator = build_collator(cfg.data, pad_id, policy)  # the policy sizes packed rows
+    reference, eval_reference = _build_references(
+        cfg, accelerator, policy, tokenizer, dtype, train_pairs, eval_pairs, collator, lm_head_chunk
+    )
+    return Setup(
+        accelerator, policy, tokenizer, reference, train_pairs, eval_pairs, collator, lm_head_chunk, eval_reference
+    )
+
+
+def _build_references(
+    cfg: Config,
+    accelerator: Any,
+    policy: Any,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    train_pairs: list[TokenizedPair],
+    eval_pairs: list[TokenizedPair],
+    collator: PreferenceCollator,
+    lm_head_chunk: int,
+) -> tuple[Any, Any]:
+    """(train reference, eval reference). Live: one object for both. Precomputed: one cached
+    table per split, computed from the not-yet-trained policy (or loaded from the cache), so no
+    reference model stays in memory."""
+    from dpokit import modeling, refcache
+
+    if cfg.reference.precompute and modeling.reference_mode(cfg) != "none":
+        policy.to(accelerator.device)  # acc.prepare() would move it next anyway
+        refs = refcache.precompute_references(
+            cfg, policy, tokenizer, dtype, {"train": train_pairs, "eval": eval_pairs}, collator,
+            accelerator.device, lm_head_chunk, autocast=accelerator.autocast,
+            rank=accelerator.process_index, world=accelerator.num_processes,
+            reduce=lambda t: accelerator.reduce(t, reduction="sum"),
+            is_main=accelerator.is_main_process, log=accelerator.print,
+        )
+        return refs["train"], refs.get("eval")
     reference = modeling.build_reference(cfg, policy, dtype, lm_head_chunk)
     if reference.model is not None:
         reference.model.to(accelerator.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = PreferenceCollator(pad_token_id=pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of or None)
-    return Setup(accelerator, policy, tokenizer, reference, train_pairs, eval_pairs, collator, lm_head_chunk)
+    return reference, reference
 
 
 # ---- the loop ---------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next. A checkpoint stores it (with the data
+    position), so a resumed run logs the same rows and stops on the same bad-step streak."""
+
+    step: int = 0
+    running: M.MetricAccumulator = field(default_factory=M.MetricAccumulator)  # pairs since the last row
+    last: dict[str, float] = field(default_factory=dict)  # the last training row
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    bad_streak: int = 0  # ... in a row, up to now
+    history: list[dict[str, float]] = field(default_factory=list)  # recent rows for the displacement check
+    warned_displacement: bool = False
+    rows: int = 0  # rows written to metrics.jsonl, so a resume can drop the ones logged after the checkpoint
+
+    def to_dict(self, consumed: int) -> dict[str, Any]:
+        running = {k: None if v is None else v.cpu() for k, v in self.running.state_dict().items()}
+        return {"step": self.step, "consumed": consumed, "running": running, "last": self.last,
+                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak, "history": self.history,
+                "warned_displacement": self.warned_displacement, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: Any) -> LoopState:
+        state = cls(d["step"], M.MetricAccumulator(), d["last"], d["skipped_steps"], d["bad_streak"], d["history"],
+                    d["warned_displacement"], d["rows"])
+        state.running.load_state_dict(d["running"], device)
+        return state
+
+
+@dataclass
+class _Run:
+    """The objects of one run that the loop's helpers share."""
+
+    cfg: Config
+    out: Path
+    s: Setup
+    policy: Any
+    optimizer: Any
+    scheduler: Any
+    pairs: PairStream
+    steps: int
+    logger: Any = None  # M.MetricsLogger, opened once the resume point is known
+    bar: Any = None
+
+
 def train(cfg: Config) -> TrainResult:
     """Train `cfg.model` with DPO on `cfg.data.train_files`; write everything to train.output_dir."""
     cfg.validate()
@@ -234,51 +373,59 @@ def train(cfg: Config) -> TrainResult:
     steps = total_steps(cfg, len(s.train_pairs), acc.num_processes)
     optimizer = build_optimizer(cfg, s.policy)
     scheduler = build_scheduler(cfg, optimizer, steps)
+    # Signals and non-finite streaks write a checkpoint even with save_every=0: fail now, not then.
+    ckpt.check_disk_space(out, ckpt.estimate_bytes(s.policy, t.optimizer))
     policy, optimizer = acc.prepare(s.policy, optimizer)
     if s.reference.mode == "adapter":  # adapters are toggled on the unwrapped module
         s.reference.policy = acc.unwrap_model(policy)
+    pairs = PairStream(s.train_pairs, t.micro_batch_size, t.seed, acc.num_processes, acc.process_index,
+                       group_by_length=cfg.data.group_by_length, grad_accum_steps=t.grad_accum_steps)
+    run = _Run(cfg, out, s, policy, optimizer, scheduler, pairs, steps)
+    state = _resume(run)  # a fresh LoopState unless train.resume finds a checkpoint
     if acc.is_main_process:
         cfg.save(out / "config.yaml")
-    logger = M.MetricsLogger(out, t.report_to, enabled=acc.is_main_process)
-    stream = iter(PairStream(s.train_pairs, t.micro_batch_size, t.seed, acc.num_processes, acc.process_index))
-    bar = _progress_bar(steps, enabled=t.progress_bar and acc.is_main_process)
-    running, tokens, t0 = M.MetricAccumulator(), 0, time.perf_counter()
-    last: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
+    run.logger = M.MetricsLogger(out, t.report_to, enabled=acc.is_main_process, append=state.step > 0)
+    run.bar = _progress_bar(steps, enabled=t.progress_bar and acc.is_main_process, initial=state.step)
+    stream = iter(pairs)
+    tokens, t0 = 0, time.perf_counter()
     policy.train()
-    for step in range(1, steps + 1):
-        micro_batches = [s.collator(next(stream)) for _ in range(t.grad_accum_steps)]
-        tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
-        accumulate_gradients(acc, policy, s.reference, micro_batches, cfg, s.lm_head_chunk, running)
-        grad_norm = _clip(acc, policy, t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % t.log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - t0
-            last = running.compute(acc.reduce)
-            last.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
-                        tokens_per_sec=tokens * acc.num_processes / elapsed, epoch=_epoch(step, cfg, s, acc))
-            _check_finite(last, step, cfg)
-            running.reset()
-            tokens, t0 = 0, time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and s.eval_pairs and step != steps:
-                last.update(evaluate_during_training(policy, s, cfg))
-            logger.log(step, last)
-            bar.set_postfix_str(f"loss {last['loss']:.4f} acc {last['rewards/accuracies']:.2f}")
-            if not t.progress_bar:
-                acc.print(M.format_line(step, steps, last))
-        elif t.eval_every and step % t.eval_every == 0 and s.eval_pairs:
-            logger.log(step, evaluate_during_training(policy, s, cfg))
-        bar.update(1)
-    bar.close()
-    if s.eval_pairs:
-        eval_metrics = evaluate_during_training(policy, s, cfg)
-        logger.log(steps, eval_metrics)
-        acc.print(M.format_line(steps, steps, {**last, **eval_metrics}))
-    logger.close()
-    written = _save(acc, policy, s.tokenizer, cfg, out)
-    return TrainResult(str(out), steps, last, eval_metrics, written)
+    with StopSignals() as signals:
+        for step in range(state.step + 1, steps + 1):
+            micro_batches = [s.collator(next(stream)) for _ in range(t.grad_accum_steps)]
+            tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+            step_metrics = M.MetricAccumulator()
+            accumulate_gradients(acc, policy, s.reference, micro_batches, cfg, s.lm_head_chunk, step_metrics)
+            grad_norm = _clip(acc, policy, t.max_grad_norm)
+            finite, stop = _check_finite(acc, step_metrics, grad_norm, signals.requested)
+            if finite:
+                optimizer.step()
+                state.running.merge(step_metrics)
+            _count_bad_step(run, state, finite, step)
+            scheduler.step()  # on skipped steps too: the lr stays a function of the step number
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step
+            if step % t.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - t0
+                _log_train_row(run, state, grad_norm if finite else None, tokens * acc.num_processes / elapsed)
+                tokens, t0 = 0, time.perf_counter()
+            elif t.eval_every and step % t.eval_every == 0 and s.eval_pairs:
+                _log(run, state, step, evaluate_during_training(policy, s, cfg))
+            run.bar.update(1)
+            if state.bad_streak >= t.max_bad_steps:
+                _stop_on_bad_steps(run, state)
+            if stop:  # a signal (here or on another process): checkpoint, then leave cleanly
+                return _stopped(run, state, signals.signum or signal.SIGTERM, _save_checkpoint(run, state))
+            if t.save_every and step % t.save_every == 0:
+                _save_checkpoint(run, state)
+        run.bar.close()
+        eval_metrics: dict[str, float] = {}
+        if s.eval_pairs:
+            eval_metrics = evaluate_during_training(policy, s, cfg)
+            _log(run, state, steps, eval_metrics)
+            acc.print(M.format_line(steps, steps, {**state.last, **eval_metrics}))
+        run.logger.close()
+        written = _save(acc, policy, s.tokenizer, cfg, out)
+    return TrainResult(str(out), steps, state.last, eval_metrics, written)
 
 
 def _epoch(step: int, cfg: Config, s: Setup, acc: Any) -> float:
@@ -293,19 +440,232 @@ def _clip(acc: Any, model: Any, max_norm: float) -> Tensor:
     return torch.stack(grads).norm() if grads else torch.tensor(0.0)
 
 
-def _check_finite(metrics: dict[str, float], step: int, cfg: Config) -> None:
-    if not M.is_finite_metrics(metrics):
-        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-        raise DpokitError(
-            f"non-finite {', '.join(bad)} at step {step}; lower train.lr (now {cfg.train.lr}) "
-            f"or use model.dtype=float32 / train.mixed_precision=no"
-        )
+# ---- numerical faults and signals ---------------------------------------------------------
+def _check_finite(acc: Any, step_metrics: M.MetricAccumulator, grad_norm: Tensor, stop: bool) -> tuple[bool, bool]:
+    """(is this step's loss and gradient finite, should the run stop after this step).
+
+    The loop's one host sync per step: whether to call optimizer.step() must be known on the
+    host before calling it, and keeping a skipped update entirely on the device would mean
+    undoing the optimizer's state. The gradient norm is the one clipping already computed (a
+    NaN/inf anywhere in any gradient makes it non-finite); with several processes one
+    max-reduce of the two flags makes every rank skip or stop together.
+    """
+    loss_sum = step_metrics.sums[M.PAIR_KEYS.index("loss")]  # () on the device
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm.to(loss_sum.device)))
+    flags = torch.stack([bad.float(), torch.tensor(float(stop), device=loss_sum.device)])
+    if acc.num_processes > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    any_bad, any_stop = flags.tolist()
+    return any_bad == 0, any_stop > 0
+
+
+def _count_bad_step(run: _Run, state: LoopState, finite: bool, step: int) -> None:
+    if finite:
+        state.bad_streak = 0
+        return
+    state.skipped_steps += 1
+    state.bad_streak += 1
+    run.s.accelerator.print(
+        f"warning: step {step}: non-finite loss or gradient, update skipped "
+        f"({state.bad_streak} in a row, {state.skipped_steps} in total; the run stops at {run.cfg.train.max_bad_steps} in a row)"
+    )
+
+
+def _stop_on_bad_steps(run: _Run, state: LoopState) -> None:
+    path = _save_checkpoint(run, state)
+    t, m = run.cfg.train, run.cfg.model
+    first = state.step - state.bad_streak + 1
+    raise DpokitError(
+        f"steps {first}-{state.step}: {state.bad_streak} steps in a row had a non-finite loss or gradient and were "
+        f"skipped (train.max_bad_steps={t.max_bad_steps}); stopped. The weights of the last good step are saved in "
+        f"{path}. Usual causes: a learning rate too high for this model (train.lr is {t.lr}; try a tenth) or too "
+        f"little precision (model.dtype is {m.dtype}, train.mixed_precision is {t.mixed_precision}; try "
+        f"model.dtype=float32 train.mixed_precision=no). Continue with train.resume=auto after changing them"
+    )
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop at the end of the current step, with a checkpoint.
+
+    A second SIGINT or SIGTERM aborts at once (KeyboardInterrupt). Handlers are only installed
+    in the main thread (Python allows no other) and the previous ones come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                         "(send it again to abort at once)\n")
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(run: _Run, state: LoopState, signum: int, saved: Path) -> TrainResult:
+    run.bar.close()
+    run.logger.close()
+    name = signal.Signals(signum).name
+    run.s.accelerator.print(
+        f"{name}: stopped after step {state.step}/{run.steps}; checkpoint {saved}. "
+        "Run the same command with train.resume=auto to continue"
+    )
+    return TrainResult(str(run.out), state.step, state.last, stopped_by=signum, checkpoint=str(saved))
+
+
+# ---- logging --------------------------------------------------------------------------
+def _log(run: _Run, state: LoopState, step: int, row: dict[str, Any]) -> None:
+    run.logger.log(step, row)
+    state.rows += 1
+
+
+def _log_train_row(run: _Run, state: LoopState, grad_norm: Tensor | None, tokens_per_sec: float) -> None:
+    """Average the pairs since the last row (skipped steps excluded) and log them."""
+    acc, t, step = run.s.accelerator, run.cfg.train, state.step
+    row: dict[str, Any] = state.running.compute(acc.reduce)  # {} when every step since the last row was skipped
+    state.running.reset()
+    if grad_norm is not None:  # a skipped step's norm is NaN/inf: leave it out of the JSON
+        row["grad_norm"] = float(grad_norm)
+    row.update(lr=run.scheduler.get_last_lr()[0], tokens_per_sec=tokens_per_sec,
+               epoch=_epoch(step, run.cfg, run.s, acc), skipped_steps=state.skipped_steps)
+    if t.eval_every and step % t.eval_every == 0 and run.s.eval_pairs and step != run.steps:
+        row.update(evaluate_during_training(run.policy, run.s, run.cfg))
+    state.last = row
+    _log(run, state, step, row)
+    if "loss" in row:
+        run.bar.set_postfix_str(f"loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f}")
+    if not t.progress_bar:
+        acc.print(M.format_line(step, run.steps, row))
+    _check_displacement(run, state, row)
+
+
+def _check_displacement(run: _Run, state: LoopState, row: dict[str, Any]) -> None:
+    """Warn once per run (console + a `warnings` row) about likelihood displacement."""
+    if "logps/chosen" not in row:
+        return
+    state.history = [*state.history, {k: row[k] for k in ("logps/chosen", "rewards/margins")}][-_HISTORY:]
+    message = M.likelihood_displacement(state.history)
+    if message and not state.warned_displacement:
+        state.warned_displacement = True
+        run.s.accelerator.print(f"warning: {message}")
+        _log(run, state, state.step, {"warnings": [message]})
+
+
+_HISTORY = 16  # training rows kept for the displacement check (it looks at the last few)
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+def _save_checkpoint(run: _Run, state: LoopState) -> Path:
+    """Write a checkpoint of the state after `state.step` (every process takes part)."""
+    acc, root = run.s.accelerator, run.out / ckpt.CHECKPOINTS
+    tmp = ckpt.staging_dir(root, state.step)
+    try:
+        if acc.is_main_process:
+            ckpt.begin(root, state.step)
+        acc.wait_for_everyone()
+        ckpt.write_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.write_and_publish(
+                tmp, state.step, acc.unwrap_model(run.policy), run.optimizer, run.scheduler,
+                state.to_dict(run.pairs.consumed), run.cfg.to_yaml(commented=False), acc.num_processes,
+                run.cfg.train.keep_checkpoints,
+            )
+    except OSError as exc:
+        raise DpokitError(f"could not write the checkpoint of step {state.step} in {root}: {exc}") from None
+    acc.wait_for_everyone()
+    return root / ckpt.folder_name(state.step)
+
+
+def _resume(run: _Run) -> LoopState:
+    """Load the checkpoint train.resume names into the model, optimizer, scheduler, data stream
+    and RNGs; return the loop state to continue from (fresh when there is nothing to resume)."""
+    acc, t = run.s.accelerator, run.cfg.train
+    mode = ckpt.resume_mode(t.resume)
+    if mode == "no":
+        return LoopState()
+    root = run.out / ckpt.CHECKPOINTS
+    if mode == "auto":
+        found = ckpt.load_newest(root, acc.process_index, warn=acc.print)
+        if found is None:
+            acc.print(f"train.resume=auto: no checkpoint in {root}; starting at step 0")
+            return LoopState()
+    else:
+        found = ckpt.load_checkpoint(Path(str(t.resume)), acc.process_index)
+    ckpt.apply_weights(acc.unwrap_model(run.policy), found.weights, found.path)
+    run.optimizer.load_state_dict(found.optimizer)
+    run.scheduler.load_state_dict(found.scheduler)
+    _adopt_changed_settings(run, found.config_yaml)
+    state = LoopState.from_dict(found.state, acc.device)
+    run.pairs.consumed = found.state["consumed"]
+    if found.rng is not None:
+        ckpt.set_rng_state(found.rng)  # last: nothing between here and the first step draws numbers
+    else:
+        acc.print("warning: the checkpoint has no RNG state for this process (another number of processes?)")
+    if acc.is_main_process:
+        _truncate_metrics(run.out / "metrics.jsonl", state.rows)
+    acc.print(f"resumed from {found.path} (step {found.step} of {run.steps})")
+    return state
+
+
+# Keys that only steer bookkeeping: changing them between a run and its resumption is expected.
+_BOOKKEEPING = {"train." + k for k in ("resume", "overwrite", "output_dir", "save_every", "keep_checkpoints",
+                                       "progress_bar", "report_to", "max_bad_steps", "log_every", "eval_every")}
+
+
+def _adopt_changed_settings(run: _Run, config_yaml: str) -> None:
+    """Warn about settings that differ from the checkpoint's run; apply a new train.lr.
+
+    The restored optimizer and scheduler carry the old peak lr, and a lower lr is the usual
+    fix after a non-finite stop, so a changed train.lr replaces it from the current step on.
+    """
+    old = yaml.safe_load(config_yaml) or {}
+    new = run.cfg.to_dict()
+    changed = [f"{sec}.{k}" for sec, keys in new.items() for k, v in keys.items()
+               if f"{sec}.{k}" not in _BOOKKEEPING and (old.get(sec) or {}).get(k, v) != v]
+    if changed:
+        run.s.accelerator.print(f"warning: resuming with changed settings {', '.join(changed)}: "
+                                "the result will differ from an uninterrupted run")
+    if "train.lr" in changed:
+        sched, lr = run.scheduler, run.cfg.train.lr
+        sched.base_lrs = [lr] * len(sched.base_lrs)
+        for group, factor in zip(run.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+
+
+def _truncate_metrics(path: Path, rows: int) -> None:
+    """Keep the first `rows` rows of metrics.jsonl (those logged up to the checkpoint): the
+    steps after it run again and log their rows again, so none is duplicated."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if len(lines) < rows:
+        print(f"warning: {path} has {len(lines)} rows, the checkpoint expected {rows}; appending to it")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(lines[:rows]), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def evaluate_during_training(policy: Any, s: Setup, cfg: Config) -> dict[str, float]:
     from dpokit.evaluate import evaluate_pairs
 
-    res = evaluate_pairs(policy, s.reference, s.eval_pairs, cfg, s.collator, s.accelerator, s.lm_head_chunk)
+    reference = s.eval_reference if s.eval_reference is not None else s.reference
+    res = evaluate_pairs(policy, reference, s.eval_pairs, cfg, s.collator, s.accelerator, s.lm_head_chunk)
     policy.train()
     return {f"eval/{k}": v for k, v in res.items()}
 
@@ -322,7 +682,7 @@ def _save(acc: Any, policy: Any, tokenizer: Any, cfg: Config, out: Path) -> dict
     return written
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, enabled: bool, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True, desc="dpo")
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="dpo")

@@ -495,3 +495,22 @@ def test_tiny_tokenizer_assets(tok: Any) -> None:
     assert tok.pad_token_id != tok.eos_token_id
     assert {"<|im_start|>", "<|im_end|>"} <= set(tok.all_special_tokens)
     assert 900 <= len(tok) <= 1100
+
+
+def test_eos_is_not_doubled_when_the_text_already_ends_with_it(tmp_path) -> None:
+    """A plain response that already ends in the EOS text gets exactly one EOS token."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from dpokit.config import DataConfig
+    from dpokit.data import load_pairs
+    from dpokit.tiny import ASSET_TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(str(ASSET_TOKENIZER))
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Hi.", "chosen": " good day.<|endoftext|>", "rejected": " bad day."}) + "\n")
+    (pair,), _ = load_pairs([str(f)], tok, DataConfig())
+    eos = tok.eos_token_id
+    assert pair.chosen_ids[-1] == eos and pair.chosen_ids[-2] != eos
+    assert pair.rejected_ids[-1] == eos and pair.rejected_ids[-2] != eos

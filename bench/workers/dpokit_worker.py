@@ -1,0 +1,148 @@
+"""Benchmark worker: train with dpokit for `spec.steps` optimizer steps and print one result line.
+
+    python -m bench.workers.dpokit_worker '<Spec JSON>'
+
+Runs dpokit's own `train()` unchanged, with two read-only observers:
+* step end: `MetricsLogger.log` (called once per step with train.log_every=1, right after the
+  metric sync, i.e. after the step's device work) records a wall timestamp;
+* the pairs of each micro-batch: `PairStream.__iter__` (the training loop's only data source,
+  consumed in order) records each micro-batch's prompt/chosen/rejected token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+T_START = time.perf_counter()
+
+
+def _overrides(spec: Any, data_file: Path) -> list[str]:
+    dtype = "bfloat16" if spec.precision == "bf16" else "float32"
+    autocast = "bf16" if spec.precision in ("bf16", "bf16-mixed") else "no"
+    return [
+        f"model.name_or_path={spec.model_dir}",
+        f"model.dtype={dtype}",
+        "model.attn_implementation=sdpa",
+        f"data.train_files=[{data_file}]",
+        "data.eval_files=[]",
+        f"data.max_length={spec.max_length}",
+        f"data.max_prompt_length={spec.max_length - 1}",  # as TRL: no prompt-only limit (no row is cut)
+        "loss.type=sigmoid",
+        f"loss.beta={spec.beta}",
+        "reference.mode=auto",  # copy for full fine-tuning, adapter (LoRA off) with LoRA: as TRL
+        f"reference.cache_dir={Path(spec.run_dir) / 'ref_cache'}",  # fresh per run: precompute is always paid
+        f"lora.enabled={str(spec.lora).lower()}",
+        f"lora.r={spec.lora_r}",
+        f"lora.alpha={spec.lora_alpha}",
+        "lora.dropout=0.0",
+        f"train.output_dir={Path(spec.run_dir) / 'out'}",
+        "train.overwrite=true",
+        f"train.max_steps={spec.steps}",
+        f"train.micro_batch_size={spec.micro_batch}",
+        f"train.grad_accum_steps={spec.grad_accum}",
+        f"train.lr={spec.lr}",
+        "train.warmup_steps=0",
+        "train.scheduler=linear",
+        f"train.seed={spec.seed}",
+        f"train.mixed_precision='{autocast}'",  # quoted: YAML reads a bare no as false
+        "train.log_every=1",
+        "train.progress_bar=false",
+    ]
+
+
+def run(spec: Any) -> dict[str, Any]:
+    import torch
+
+    from bench import common
+    from dpokit import metrics as M
+    from dpokit import trainer as T
+    from dpokit.config import Config
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    cuda = spec.device == "cuda"
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_file = run_dir / "pairs.jsonl"
+    rows = common.subset_rows(spec.data, spec.steps * spec.pairs_per_step)
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    cfg = Config().override(_overrides(spec, data_file) + list(spec.extra))
+    stamps: list[float] = []  # wall time at the end of each optimizer step
+    micro: list[list[tuple[int, int, int]]] = []  # (prompt, chosen, rejected) lengths per micro-batch
+
+    orig_log = M.MetricsLogger.log
+
+    def log(self: Any, step: int, metrics: dict[str, float]) -> None:
+        if "loss" in metrics:  # a training row (eval rows carry eval/ keys only)
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+        orig_log(self, step, metrics)
+
+    orig_iter = T.PairStream.__iter__
+
+    def stream(self: Any):  # noqa: ANN202
+        for mb in orig_iter(self):
+            micro.append([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in mb])
+            yield mb
+
+    M.MetricsLogger.log = log
+    T.PairStream.__iter__ = stream
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_train = time.perf_counter()
+    result = T.train(cfg)
+    t_end = time.perf_counter()
+
+    if len(stamps) != spec.steps:
+        raise RuntimeError(f"expected {spec.steps} step timestamps (train.log_every=1), got {len(stamps)}")
+    steps = [micro[i * spec.grad_accum:(i + 1) * spec.grad_accum] for i in range(spec.steps)]
+    applied = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in spec.extra}
+    from dpokit.modeling import reference_mode
+
+    ref_forward = reference_mode(cfg) != "none" and not cfg.reference.precompute
+    return {
+        "stamps": stamps,
+        "steps_pairs": steps,
+        "t_train": t_train,
+        "t_end": t_end,
+        "ref_forward": ref_forward,
+        "flags": [f"{k}={v}" for k, v in applied.items()],
+        "resolved": {
+            "group_by_length": getattr(cfg.data, "group_by_length", None),
+            "packing": getattr(cfg.data, "packing", None),
+            "prefix_sharing": getattr(cfg.data, "prefix_sharing", None),
+            "reference.precompute": cfg.reference.precompute,
+            "mixed_precision": cfg.train.mixed_precision,
+            "model.dtype": cfg.model.dtype,
+            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
+        },
+        "steps_done": result.steps,
+    }
+
+
+def main(argv: list[str]) -> int:
+    from bench import common
+    from bench.workers import finish
+
+    spec = common.Spec.from_json(argv[0])
+    try:
+        raw = run(spec)
+    except Exception as exc:  # report, don't hang the comparison
+        traceback.print_exc()
+        common.emit_result({"ok": False, "tool": "dpokit", "mode": spec.mode, "workload": spec.workload,
+                            "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return 1
+    common.emit_result(finish(spec, raw, T_START))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

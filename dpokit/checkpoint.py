@@ -1,0 +1,350 @@
+"""Training checkpoints: write atomically, find the newest complete one, load it without pickle.
+
+Layout of one checkpoint (``output_dir/checkpoints/step-00000120/``)::
+
+    model.safetensors   trainable parameters by name (all weights, or only the LoRA adapters)
+    optimizer.pt        optimizer.state_dict()           (torch.save; read with weights_only=True)
+    scheduler.pt        lr scheduler state_dict()
+    rng-<rank>.pt       python / numpy / torch / cuda RNG states of each process
+    trainer_state.pt    loop state: step, data position, metric sums, counters, log rows written
+    config.yaml         the resolved config of the run that wrote it
+    meta.json           written last: format version, step, world size, every file and its size
+
+A checkpoint is assembled in ``.tmp-step-...`` and renamed into place only when every file is
+written and fsynced, so a folder named ``step-*`` is complete unless the disk itself lost data;
+`load_checkpoint` still re-checks it (meta, file sizes, readable tensors) and refuses it with a
+reason, so the caller can fall back to the previous one.
+
+Only the standard library, numpy, torch and safetensors are imported (no transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dpokit.errors import DpokitError
+
+CHECKPOINTS = "checkpoints"  # folder under train.output_dir
+FORMAT = "dpokit-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+_NAME = re.compile(r"^step-(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+
+class CheckpointError(DpokitError):
+    """A checkpoint folder is missing, incomplete, corrupt or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything read back from one checkpoint folder, held in CPU memory."""
+
+    path: Path
+    step: int
+    weights: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] | None  # None when this rank has no RNG file (different world size)
+    state: dict[str, Any]
+    config_yaml: str
+    meta: dict[str, Any]
+
+
+def folder_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def resume_mode(value: str | bool) -> str:
+    """'no', 'auto' or 'path' for a train.resume value (YAML reads a bare `no` as False)."""
+    if value is False or value == "no":
+        return "no"
+    return "auto" if value == "auto" else "path"
+
+
+# ---- what goes in ---------------------------------------------------------------------
+def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters by name: everything for full fine-tuning, the adapters for LoRA.
+
+    Frozen parameters never change, so the model loaded from `model.name_or_path` already has
+    them; `named_parameters` lists a tied weight once, which safetensors requires.
+    """
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states in plain types and tensors only, so `torch.load(weights_only=True)` reads them."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- disk space -----------------------------------------------------------------------
+OPTIMIZER_STATE_FACTOR = {"adamw": 2, "rmsprop": 1}  # state tensors per parameter (exp_avg, exp_avg_sq)
+
+
+def estimate_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """Rough size of one checkpoint: trainable parameter bytes * (1 + optimizer state factor)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return params * (1 + OPTIMIZER_STATE_FACTOR.get(optimizer, 2))
+
+
+def check_disk_space(folder: Path, need: int) -> None:
+    """Refuse to start a run whose first checkpoint could not be written."""
+    free = shutil.disk_usage(folder).free  # looked up at call time so tests can monkeypatch it
+    if free < need:
+        raise DpokitError(
+            f"not enough free disk space in {folder} for one checkpoint: need about {_gib(need)}, "
+            f"{_gib(free)} free; free some space, choose another train.output_dir, or set train.save_every=0"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+# ---- writing --------------------------------------------------------------------------
+def staging_dir(root: Path, step: int) -> Path:
+    """The temporary folder a checkpoint is assembled in (same filesystem, so rename is atomic)."""
+    return root / f"{_TMP_PREFIX}{folder_name(step)}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Create an empty staging folder (main process), clearing leftovers of killed runs."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():
+        if stale.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = staging_dir(root, step)
+    tmp.mkdir()
+    return tmp
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    """Every process writes its own RNG state (after the main process created `tmp`)."""
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    _fsync(tmp / f"rng-{rank}.pt")
+
+
+def write_and_publish(
+    tmp: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    config_yaml: str,
+    world_size: int,
+    keep: int,
+) -> Path:
+    """Write the main process's files into `tmp`, then rename it to ``step-N`` and prune old ones."""
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "world_size": world_size,
+        "files": {name: (tmp / name).stat().st_size for name in files},
+    }
+    _write_synced(tmp / "meta.json", json.dumps(meta, indent=2))
+    _fsync_dir(tmp)
+    final = tmp.parent / folder_name(step)
+    old = tmp.parent / f"{_OLD_PREFIX}{final.name}"
+    if final.exists():  # e.g. re-saving a step after resuming from an older checkpoint
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    prune(final.parent, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (only folders this module named)."""
+    for _, path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable; some filesystems refuse to fsync a directory, which is fine."""
+    try:
+        _fsync(path)
+    except OSError:
+        pass
+
+
+# ---- reading --------------------------------------------------------------------------
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step-N`` folder, oldest first; staging folders are never listed."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
+    """Read and check one checkpoint folder; raise CheckpointError saying what is wrong."""
+    path = Path(path)
+    meta = _read_meta(path)
+    for name, size in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} has {f.stat().st_size} bytes, meta.json recorded {size}"
+            )
+    for name in (WEIGHTS, "optimizer.pt", "scheduler.pt", "trainer_state.pt", "config.yaml"):
+        if name not in meta["files"]:
+            raise CheckpointError(f"checkpoint {path} is incomplete: meta.json does not list {name}")
+    rng_file = f"rng-{rank}.pt"
+    return Checkpoint(
+        path=path,
+        step=meta["step"],
+        weights=_read_weights(path / WEIGHTS),
+        optimizer=_read_torch(path / "optimizer.pt"),
+        scheduler=_read_torch(path / "scheduler.pt"),
+        rng=_read_torch(path / rng_file) if rng_file in meta["files"] else None,
+        state=_read_torch(path / "trainer_state.pt"),
+        config_yaml=(path / "config.yaml").read_text(encoding="utf-8"),
+        meta=meta,
+    )
+
+
+def load_newest(root: Path, rank: int = 0, warn: Any = print) -> Checkpoint | None:
+    """The newest checkpoint under `root` that loads; each refused one is reported through `warn`.
+
+    Returns None when there is no checkpoint at all; raises when there are some but none loads
+    (silently starting over would throw the run's progress away).
+    """
+    candidates = list_checkpoints(root)
+    refused: list[str] = []
+    for _, path in reversed(candidates):
+        try:
+            return load_checkpoint(path, rank)
+        except CheckpointError as exc:
+            refused.append(str(exc))
+            warn(f"warning: {exc}; trying the previous checkpoint")
+    if refused:
+        raise CheckpointError(
+            f"no usable checkpoint in {root} ({len(refused)} refused, see above); "
+            "delete the folder and pass train.resume=no train.overwrite=true to start over"
+        )
+    return None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an unreadable meta.json: {exc}") from None
+    ok = (
+        isinstance(meta, dict)
+        and meta.get("format") == FORMAT
+        and isinstance(meta.get("step"), int)
+        and isinstance(meta.get("files"), dict)
+        and all(isinstance(v, int) for v in meta["files"].values())
+    )
+    if not ok:
+        raise CheckpointError(f"checkpoint {path} has a bad meta.json (not a {FORMAT} file, or fields missing)")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}; this dpokit reads {VERSION}")
+    m = _NAME.match(path.name)
+    if m and int(m.group(1)) != meta["step"]:
+        raise CheckpointError(f"checkpoint {path} is inconsistent: meta.json says step {meta['step']}")
+    return meta
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint weights {path} are unreadable: {exc}") from None
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint file {path} is unreadable: {reason}") from None
+
+
+# ---- applying -------------------------------------------------------------------------
+def apply_weights(model: torch.nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """Copy saved trainable parameters into `model`; names and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (was model.name_or_path or lora.* changed?): "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, p in params.items():
+        if p.shape != weights[name].shape:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])

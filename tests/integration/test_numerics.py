@@ -1,0 +1,147 @@
+"""Numerical faults: non-finite steps are skipped, counted and logged, a streak of them stops the
+run with a checkpoint and advice; the likelihood-displacement warning; fp32 log-probs under bf16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit import metrics as M
+from dpokit import trainer
+from dpokit.checkpoint import CHECKPOINTS, WEIGHTS, folder_name
+from dpokit.config import Config
+from dpokit.errors import DpokitError
+from tests.conftest import TOY
+
+REPO = Path(__file__).resolve().parents[2]
+NAN = float("nan")
+
+
+def _cfg(model_dir: Path, out: Path, *overrides: str) -> Config:
+    return Config.from_yaml(REPO / "configs" / "tiny.yaml").override([
+        f"model.name_or_path={model_dir}", f"train.output_dir={out}", f"data.train_files=[{TOY / 'train.jsonl'}]",
+        "data.eval_files=[]", "train.progress_bar=false", "train.log_every=1", *overrides])
+
+
+def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int], nan_grad: set[int] = frozenset()) -> None:
+    """Make the loss (as a NaN forward would: loss and per-pair values) or only the gradient
+    non-finite at the given training steps (one micro-batch per step)."""
+    real, calls = trainer.batch_loss, [0]
+
+    def batch_loss(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, values = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # the reference and evaluation run without gradients
+            return loss, values
+        calls[0] += 1
+        if calls[0] in nan_loss:
+            loss, values = loss * NAN, values.clone().index_fill_(0, torch.tensor([0]), NAN)
+        if calls[0] in nan_grad:
+            loss.register_hook(lambda g: g * NAN)  # the value stays finite, every gradient is NaN
+        return loss, values
+
+    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / CHECKPOINTS / folder_name(step) / WEIGHTS))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_non_finite_steps_are_skipped_counted_and_logged(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "skips"
+    _inject(monkeypatch, nan_loss={3, 4}, nan_grad={6})
+    trainer.train(_cfg(tiny_model_dir, out, "train.max_steps=8", "train.save_every=1", "train.keep_checkpoints=20"))
+    rows = [r for r in _rows(out) if "lr" in r]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 3, 3, 3]
+    for r in rows:  # a skipped step adds nothing to the averages and has no (NaN) grad norm in the JSON
+        assert ("loss" in r) == (r["step"] not in (3, 4, 6)) and ("grad_norm" in r) == ("loss" in r), r
+        assert all(v == v for v in r.values())  # no NaN anywhere
+    w = {s: _weights(out, s) for s in range(2, 9)}
+    assert _same(w[2], w[3]) and _same(w[3], w[4]) and _same(w[5], w[6])  # no update on skipped steps
+    assert not _same(w[4], w[5]) and not _same(w[6], w[7])  # ... and training goes on after them
+    opt = torch.load(out / CHECKPOINTS / folder_name(8) / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in opt["state"].values()} == {5}  # 8 steps, 3 skipped
+    assert "step 4: non-finite loss or gradient, update skipped (2 in a row" in capsys.readouterr().out
+
+
+def test_a_streak_of_non_finite_steps_stops_with_a_checkpoint_and_advice(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "streak"
+    _inject(monkeypatch, nan_loss=set(range(3, 100)))
+    cfg = _cfg(tiny_model_dir, out, "train.max_steps=20", "train.save_every=2", "train.keep_checkpoints=10",
+               "train.max_bad_steps=3")
+    with pytest.raises(DpokitError) as exc:
+        trainer.train(cfg)
+    msg = str(exc.value)
+    assert "steps 3-5: 3 steps in a row had a non-finite loss or gradient" in msg, msg
+    assert "train.lr is 0.001" in msg and "model.dtype is float32" in msg and "train.mixed_precision is no" in msg
+    assert str(out / CHECKPOINTS / folder_name(5)) in msg and "train.resume=auto" in msg
+    assert _same(_weights(out, 5), _weights(out, 2))  # the checkpoint holds the last good weights
+    state = torch.load(out / CHECKPOINTS / folder_name(5) / "trainer_state.pt", weights_only=True)
+    assert state["skipped_steps"] == 3 and state["bad_streak"] == 3 and state["step"] == 5
+
+
+def test_displacement_warning_goes_to_console_and_metrics(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "warn"
+    monkeypatch.setattr(M, "likelihood_displacement", lambda history: "displaced!" if len(history) >= 2 else None)
+    trainer.train(_cfg(tiny_model_dir, out, "train.max_steps=4"))
+    warned = [r for r in _rows(out) if "warnings" in r]
+    assert warned == [{"step": 2, "warnings": ["displaced!"]}]  # once per run
+    assert capsys.readouterr().out.count("warning: displaced!") == 1
+
+
+def _history(chosen: list[float], margins: list[float]) -> list[dict[str, float]]:
+    return [{"step": 10 * i, "logps/chosen": c, "rewards/margins": m} for i, (c, m) in enumerate(zip(chosen, margins))]
+
+
+def test_likelihood_displacement_detector() -> None:
+    falling, rising = [-50.0, -51.5, -52.0, -54.0, -55.0, -57.0], [0.1, 0.3, 0.4, 0.6, 0.9, 1.2]
+    msg = M.likelihood_displacement(_history(falling, rising))
+    assert msg is not None and "logps/chosen fell from -51.50 to -57.00" in msg
+    assert "rewards/margins rose" in msg and "loss.nll_weight" in msg
+    # one noisy uptick out of four intervals is still "steady"
+    assert M.likelihood_displacement(_history([-50, -52, -51.5, -53, -55], rising[:5])) is not None
+    assert M.likelihood_displacement(_history([-50, -49, -48, -47, -46], rising[:5])) is None  # chosen rises
+    assert M.likelihood_displacement(_history(falling[:5], [1.0, 0.9, 0.8, 0.7, 0.6])) is None  # margins fall
+    assert M.likelihood_displacement(_history([-50, -52, -50, -52, -51], rising[:5])) is None  # noise
+    assert M.likelihood_displacement(_history([-50.0, -50.1, -50.2, -50.3, -50.4], rising[:5])) is None  # tiny drop
+    assert M.likelihood_displacement(_history(falling[:4], rising[:4])) is None  # too few rows yet
+    eval_rows = [{"step": 1, "eval/loss": 0.5}, {"step": 2, "warnings": ["x"]}]  # other rows are ignored
+    assert M.likelihood_displacement(eval_rows + _history(falling, rising)) == msg
+
+
+def test_logps_and_loss_are_float32_under_bf16_autocast(tiny_model_dir: Path) -> None:
+    from dpokit import data, modeling
+    from dpokit.collate import PreferenceCollator
+
+    cfg = _cfg(tiny_model_dir, Path("unused"))
+    policy, tok = modeling.load_policy(cfg, torch.float32)
+    reference = modeling.build_reference(cfg, policy, torch.float32)
+    pairs, _ = data.load_pairs([str(TOY / "train.jsonl")], tok, cfg.data)
+    batch = PreferenceCollator(pad_token_id=tok.pad_token_id)(pairs[:4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert policy(input_ids=batch["input_ids"]).logits.dtype == torch.bfloat16  # autocast is really on
+        for chunk in (1024, 0):  # chunked LM head and full-logits paths
+            out = modeling.concatenated_logps(policy, batch, chunk)
+            assert out.chosen_logps.dtype == out.rejected_logps.dtype == torch.float32
+        ref_chosen, ref_rejected = reference.logps(batch)
+        loss, values = trainer.batch_loss(policy, reference, batch, cfg, 1024)
+    assert ref_chosen.dtype == ref_rejected.dtype == torch.float32
+    assert loss.dtype == values.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()  # and the backward through the bf16 model works
