@@ -56,13 +56,18 @@ PROFILES: dict[str, dict[str, Any]] = {
 # dpokit's speed keys, switched on in `best` when this dpokit's config has them.
 DPOKIT_BEST = [("data", "packing", "true"), ("data", "prefix_sharing", "true"),
                ("data", "group_by_length", "true"), ("reference", "precompute", "true")]
+# On CUDA, packing/prefix sharing run SDPA with an explicit 4D mask, which leaves the flash kernels:
+# measured slower than padding on an H200 (docs/benchmarks-gpu.md), so `best` leaves them off there.
+CUDA_SKIP = {("data", "packing"), ("data", "prefix_sharing")}
 
 
-def dpokit_best_flags() -> list[str]:
+def dpokit_best_flags(device: str = "cpu") -> list[str]:
     from dpokit.config import SECTIONS
 
     flags = []
     for section, key, value in DPOKIT_BEST:
+        if device == "cuda" and (section, key) in CUDA_SKIP:
+            continue
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if key in names:
             flags.append(f"{section}.{key}={value}")
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul peak ({prof['gemm']}^3): fp32 {common.fmt_num(peaks['fp32'])}FLOP/s, "
           f"bf16 {common.fmt_num(peaks['bf16'])}FLOP/s", flush=True)
 
-    dpokit_best = args.dpokit_best if args.dpokit_best is not None else dpokit_best_flags()
+    dpokit_best = args.dpokit_best if args.dpokit_best is not None else dpokit_best_flags(args.device)
     trl_best = args.trl_best  # None: the worker's BEST
     all_runs: list[dict[str, Any]] = []
     table_rows: list[dict[str, Any]] = []

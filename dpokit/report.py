@@ -55,7 +55,8 @@ def _table_text(rows: list[list[str]]) -> str:
 
 
 def _table_markdown(rows: list[list[str]]) -> str:
-    head, *body = rows
+    # a literal | (as in "KL(policy || base)") would end the cell
+    head, *body = [[cell.replace("|", "\\|") for cell in row] for row in rows]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if c == 0 else "---:" for c in range(len(head))) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(out)
@@ -144,11 +145,13 @@ def plot_score_vs_kl(stages: list[StageResult], judges: list[str], path: Path) -
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     xs = [s.kl for s in stages]
-    for judge, marker in zip(judges, ("o", "s")):
+    for k, (judge, marker) in enumerate(zip(judges, ("o", "s"))):
         ys = [s.scores[judge] for s in stages]
         ax.plot(xs, ys, marker=marker, label=judge)
-        for s, x, y in zip(stages, xs, ys):
-            ax.annotate(f"{s.name} ({s.step})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if k == 0:  # one label per model; both judges share its x (the KL)
+            for i, (s, x, y) in enumerate(zip(stages, xs, ys)):
+                ax.annotate(f"{s.name} (step {s.step})", (x, y), textcoords="offset points",
+                            xytext=(-10, 8 + 10 * (i % 2)), fontsize=8, ha="right" if i else "left")  # fmt: skip
     ax.errorbar(xs, [s.scores[judges[0]] for s in stages], xerr=[s.kl_sem for s in stages], fmt="none", ecolor="gray")
     ax.set_xlabel("KL(policy || base), nats per response (sampled estimate)")
     ax.set_ylabel("mean sentiment score on held-out prompts")

@@ -249,15 +249,31 @@ class Setup:
     eval_reference: Any = None  # reference for eval_pairs; a separate table when precomputed
 
 
+
+def _accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for this run, also when an earlier run in this process used another precision.
+
+    Accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator with
+    a different `mixed_precision` (a notebook that trains twice, or the test suite). The process
+    group (PartialState) is kept; only the per-run settings are dropped.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def setup(cfg: Config, out: Path) -> Setup:
     """Accelerator, models, data and reference, in the order that keeps memory lowest."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from dpokit import data, modeling
     from dpokit.packing import build_collator
 
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = _accelerator(cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     dtype = modeling.resolve_dtype(cfg.model.dtype, accelerator.device)
     policy, tokenizer = modeling.load_policy(cfg, dtype)

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,7 @@ def test_report_and_plots_written(tmp_path: Path) -> None:
     assert "80%" in md and "0.800" in md  # final win rate and held-out accuracy
     assert "![Training curves](training_curves.png)" in md and "![Judge score vs KL](score_vs_kl.png)" in md
     assert "\\|" in md  # a pipe inside a response does not break the example table
+    assert "| KL(policy \\|\\| base), nats/response |" in md  # nor the || of the KL row
     # JSON round trip: results.json can be re-rendered later
     again = DemoResult.from_json(json.loads(json.dumps(demo.to_json())))
     assert report.render_markdown(again, written) == md
@@ -115,7 +117,19 @@ def _write_pairs(path: Path, prompts: list[str]) -> Path:
     return path
 
 
-def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The tiny model gains nothing from a second thread, and on a busy machine two threads that wait
+    for each other make it several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("textblob")
     pytest.importorskip("matplotlib")
@@ -147,6 +161,25 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert math.isfinite(s.kl) and s.heldout_accuracy is not None and 0 <= s.heldout_accuracy <= 1
         assert 0 <= s.win_rate["vader"] <= 1 and set(s.scores) == set(JUDGES)
     assert final.kl != 0.0  # lr 1e-3 moved the adapters: the policy differs from the reference
+
+    # The final adapter (saved by peft) and the last checkpoint (saved by the trainer) hold the same
+    # LoRA weights, and the demo's two loading paths must put exactly those into the model.
+    import torch
+
+    from dpokit import checkpoint as ckpt
+    from dpokit.demo import _load_lora_model, _load_stage_weights
+
+    cfg = build_config(DemoSettings(config=str(REPO / "configs" / "demo.yaml"), quick=True,
+                                    overrides=["model.name_or_path=tiny-random-llama", "train.max_steps=4"]), out)  # fmt: skip
+    model, _ = _load_lora_model("tiny-random-llama", cfg)
+    saved = ckpt.load_checkpoint(out / "model" / "checkpoints" / ckpt.folder_name(4)).weights
+    _load_stage_weights(model, out / "model", 4, final=True)
+    assert {n: p for n, p in model.named_parameters() if p.requires_grad}.keys() == saved.keys()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), saved[name], msg=name)
+    _load_stage_weights(model, out / "model", 2, final=False)  # the midpoint differs from the end
+    assert any(not torch.equal(p.detach(), saved[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.slow

@@ -102,3 +102,13 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.Cap
     assert main(["train", str(REPO / "configs" / "tiny.yaml"), "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "train.lrr" in err and "Traceback" not in err
+
+
+def test_second_run_in_process_may_change_precision() -> None:
+    """A notebook that trains in fp32 and then with bf16 autocast must not hit Accelerate's
+    'AcceleratorState has already been initialized' error."""
+    from dpokit.trainer import _accelerator
+
+    assert _accelerator("no").mixed_precision == "no"
+    assert _accelerator("bf16").mixed_precision == "bf16"
+    assert _accelerator("no").mixed_precision == "no"
