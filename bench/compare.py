@@ -53,21 +53,22 @@ PROFILES: dict[str, dict[str, Any]] = {
                  grad_accum=2, warmup=2, steps=6, gemm=8192, budget_min=7.0, out="docs/benchmarks-gpu.md"),
 }
 
-# dpokit's speed keys, switched on in `best` when this dpokit's config has them.
+# dpokit's speed keys, switched on in `best` when this dpokit's config has them. On CUDA, packing and
+# prefix sharing go with dpokit's flash varlen attention: with SDPA they need a dense 4D mask, which
+# leaves the flash kernels and measured slower than padding on an H200 (docs/benchmarks-gpu.md).
 DPOKIT_BEST = [("data", "packing", "true"), ("data", "prefix_sharing", "true"),
                ("data", "group_by_length", "true"), ("reference", "precompute", "true")]
-# On CUDA, packing/prefix sharing run SDPA with an explicit 4D mask, which leaves the flash kernels:
-# measured slower than padding on an H200 (docs/benchmarks-gpu.md), so `best` leaves them off there.
-CUDA_SKIP = {("data", "packing"), ("data", "prefix_sharing")}
+DPOKIT_BEST_CUDA = [("model", "attn_implementation", "varlen")]
+# On CPU the speed flags leave so much headroom over TRL that dpokit can also buy memory with
+# activation checkpointing (~1/3 slower per step, activations ~10x smaller) and still be well ahead.
+DPOKIT_BEST_CPU = [("train", "gradient_checkpointing", "true")]
 
 
 def dpokit_best_flags(device: str = "cpu") -> list[str]:
     from dpokit.config import SECTIONS
 
     flags = []
-    for section, key, value in DPOKIT_BEST:
-        if device == "cuda" and (section, key) in CUDA_SKIP:
-            continue
+    for section, key, value in DPOKIT_BEST + (DPOKIT_BEST_CUDA if device == "cuda" else DPOKIT_BEST_CPU):
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if key in names:
             flags.append(f"{section}.{key}={value}")

@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu.sh                       # extra arguments go to bench/compare.py
 #   WHEELS=.whl bash bench/gpu.sh           # offline: install missing packages from a wheel folder
+#   CHECK=1 bash bench/gpu.sh               # run the CUDA equality tests (needs pytest) before timing
 #
 # 1. Needs a CUDA build of torch already installed (never installs or upgrades torch).
 # 2. Installs what is missing: from $WHEELS if that folder exists (no index), else from PyPI
@@ -71,6 +72,13 @@ if [ "$("$PY" -c 'import torch; print(torch.__version__)')" != "$TORCH_VERSION" 
     exit 2
 fi
 "$PY" -c 'import trl, transformers, peft, datasets; print("trl", trl.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "datasets", datasets.__version__)'
+
+# CHECK=1: first the equality tests of the CUDA-only paths (flash varlen kernel vs the reference path;
+# every packed layout vs padding), so the numbers below come from code that was just shown correct.
+if [ "${CHECK:-0}" = 1 ]; then
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_varlen.py \
+        tests/integration/test_packing_equivalence.py 2>&1 | tail -15 || echo "bench/gpu.sh: the CUDA checks FAILED"
+fi
 
 ELAPSED_MIN=$(( ($(date +%s) - T0) / 60 ))
 LEFT=$("$PY" -c "print(max(2.0, $BUDGET_MIN - $ELAPSED_MIN - 0.3))")

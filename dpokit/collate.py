@@ -53,6 +53,10 @@ class PreferenceCollator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    def describe(self) -> str:
+        """One line for the run log: the batch layout."""
+        return "padded [chosen; rejected] rows"
+
     def __call__(self, pairs: list[TokenizedPair]) -> dict[str, Tensor]:
         """Build the (2B, T) batch for `pairs`; see the module docstring for the layout."""
         if not pairs:

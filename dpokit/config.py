@@ -42,7 +42,12 @@ class ModelConfig:
     )
     trust_remote_code: bool = _f(False, "run code shipped with the model folder (only for sources you trust)")
     allow_pickle: bool = _f(False, "allow loading pickled .bin weights (weights_only); safetensors otherwise")
-    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+    attn_implementation: str = _f(
+        "auto",
+        "attention kernel: sdpa, eager, flash_attention_2 (passed to transformers), or varlen: dpokit's "
+        "flash varlen kernel for packed / prefix-shared batches on a CUDA GPU; auto = varlen on a CUDA GPU "
+        "with bf16 (torch >= 2.10), else sdpa",
+    )
 
 
 @dataclass
@@ -69,10 +74,12 @@ class DataConfig:
         "padding-free: pack a micro-batch's sequences back to back in rows (positions restart per "
         "sequence, attention kept within each); same log-probs as padded, fewer FLOPs",
     )
-    prefix_sharing: bool = _f(
-        False,
+    prefix_sharing: bool | Literal["auto"] = _f(
+        "auto",
         "run each pair as one [prompt, chosen, rejected] sequence so the prompt is computed once "
-        "(rejected attends to the prompt, not to chosen); needs model.attn_implementation sdpa or eager",
+        "(rejected attends to the prompt, not to chosen; same log-probs); needs attn_implementation sdpa, "
+        "eager or varlen. auto = on where it is faster: on CPU (sdpa/eager) and with varlen; off with "
+        "sliding-window attention shorter than max_length",
     )
     packing_max_tokens: int = _f(
         0,
@@ -260,9 +267,13 @@ class Config:
             (d.pad_to_multiple_of >= 0, "data.pad_to_multiple_of must be >= 0"),
             (d.packing_max_tokens >= 0, "data.packing_max_tokens must be >= 0 (0 = auto)"),
             (
-                not d.prefix_sharing or self.model.attn_implementation in ("sdpa", "eager"),
-                f"data.prefix_sharing needs a 4D attention mask, which model.attn_implementation="
-                f"{self.model.attn_implementation} does not take; use sdpa or eager (or data.packing alone)",
+                d.prefix_sharing is not True or self.model.attn_implementation in ("auto", "sdpa", "eager", "varlen"),
+                f"data.prefix_sharing needs a 4D attention mask or dpokit's segments, which model.attn_implementation="
+                f"{self.model.attn_implementation} does not take; use varlen (GPU), sdpa or eager (or data.packing alone)",
+            ),
+            (
+                self.model.attn_implementation != "varlen" or d.packing or d.prefix_sharing,
+                "model.attn_implementation=varlen is for packed batches: set data.packing and/or data.prefix_sharing",
             ),
             (len(d.train_files) > 0, "data.train_files is empty: give at least one file"),
             (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),

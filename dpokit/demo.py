@@ -313,6 +313,8 @@ def _load_lora_model(base_dir: str, cfg: Config) -> tuple[Any, Any]:
     from dpokit import modeling
 
     dtype = modeling.resolve_dtype(cfg.model.dtype)
+    # it generates (left-padded prompts): plain SDPA with transformers' own masks, never varlen
+    cfg = cfg.override(["model.attn_implementation=sdpa"])
     model, tokenizer = modeling.load_model_and_tokenizer(base_dir, cfg, dtype)
     return modeling.apply_lora(model, cfg), tokenizer
 

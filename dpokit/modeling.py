@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpokit import varlen
 from dpokit.config import Config
 from dpokit.errors import ConfigError
 from dpokit.logps import chunked_lm_head_logps, indexed_logps, sequence_logps
@@ -34,6 +35,16 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     return torch.float32
 
 
+def resolve_attn_implementation(cfg: Config, dtype: torch.dtype) -> str:
+    """`model.attn_implementation`, with auto resolved: dpokit's flash varlen kernel on a CUDA GPU
+    computing in half precision (the flash kernels need it), SDPA everywhere else."""
+    impl = cfg.model.attn_implementation
+    if impl != "auto":
+        return impl
+    half = dtype in (torch.bfloat16, torch.float16) or cfg.train.mixed_precision == "bf16"
+    return "varlen" if half and torch.cuda.is_available() and varlen.flash_available() else "sdpa"
+
+
 def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
     from dpokit import sources
 
@@ -43,7 +54,7 @@ def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype)
         dtype=dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=resolve_attn_implementation(cfg, dtype),
     )
     tokenizer = sources.load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
     return model, tokenizer
@@ -130,15 +141,20 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
     """
     if "score_index" in batch:
         return _packed_logps(model, batch, lm_head_chunk)
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2B, T)
+    input_ids = batch["input_ids"]  # (2B, T)
     completion_mask = batch["completion_mask"]  # (2B, T)
+    # Rows are RIGHT-padded (collate.py), so under the causal mask no real token ever sees a pad: the
+    # padding mask changes nothing that is scored. Leaving it out lets SDPA run its fused causal
+    # kernel (flash on CUDA and CPU) instead of the masked one, which on CPU materialises the (T, T)
+    # attention of every head and layer (measured: faster, and peak memory well down).
+    inputs = {"input_ids": input_ids, "use_cache": False}
     parts = _lm_head_parts(model) if lm_head_chunk > 0 else None
     if parts is not None:
         decoder, weight, bias = parts
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (2B, T, H)
+        hidden = decoder(**inputs).last_hidden_state  # (2B, T, H)
         logps, lengths = chunked_lm_head_logps(hidden, weight, input_ids, completion_mask, lm_head_chunk, bias)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (2B, T, V)
+        logits = model(**inputs).logits  # (2B, T, V)
         logps, lengths = sequence_logps(logits, input_ids, completion_mask)
     b = input_ids.shape[0] // 2
     return PolicyLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
@@ -167,6 +183,11 @@ def _packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tens
     """
     impl = _attn_implementation(model)
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]  # (R, T)
+    if impl == varlen.IMPL_NAME:  # segments instead of a mask (dpokit/varlen.py); no mask is built
+        if "cu_seq_q" not in batch:
+            raise ValueError("attn_implementation varlen needs a batch from packing.build_collator(..., model=model)")
+        return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
+                "dpokit_varlen": varlen.varlen_layout(batch)}  # fmt: skip
     if "branch_ids" in batch:  # prefix sharing: "see the prompt, not the other branch" needs a 4D mask
         from dpokit.packing import block_causal_mask
 

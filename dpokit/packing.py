@@ -26,6 +26,9 @@ Layout (R rows of T tokens; B pairs; a "unit" is a sequence (packing) or a pair 
     score_index    (4, M) long   rows (row, col, target, seq): the logits at (row, col) predict token
                                  `target`, summed into sequence `seq` (0..B-1 chosen, B..2B-1 rejected)
     pair_index     (B,)   long   TokenizedPair.index, as in the padded layout
+    cu_seq_q, cu_seq_k, key_index, varlen_max
+                                 only for ``model.attn_implementation: varlen``: the query / key
+                                 segments of the flattened rows (see dpokit/varlen.py)
 
 Example, prefix sharing, one pair: prompt [5, 6], chosen [7, 8], rejected [9]::
 
@@ -41,6 +44,8 @@ How the model is told about sequence boundaries (modeling.concatenated_logps doe
   grow by 1 and builds the block-diagonal causal mask itself (sdpa, eager, flex); flash_attention_2
   turns the same positions into varlen ``cu_seqlens`` (for one row only, so rows are flattened for
   it). With a KV cache (``use_cache=True``, a loaded model's default) detection is silently skipped.
+* ``attn_implementation: varlen`` (dpokit/varlen.py, for CUDA): no mask at all; the segments above
+  go to flash attention's varlen kernel, which does no work outside each sequence.
 * prefix sharing: positions alone cannot say "see the prompt but not chosen", so
   `block_causal_mask` builds a 4D mask, which transformers passes to the kernel unchanged.
   Only sdpa (boolean mask) and eager (additive mask) accept that; config validation refuses others.
@@ -70,6 +75,7 @@ import torch
 from torch import Tensor
 
 from dpokit.collate import PreferenceCollator, TokenizedPair
+from dpokit.errors import ConfigError
 
 if TYPE_CHECKING:
     from dpokit.config import DataConfig
@@ -178,13 +184,13 @@ def attention_cost_tokens(model: Any) -> float:
 
     Per layer and token, the linear layers cost ~2 * params_per_layer and attention over a dense
     (masked) row of T tokens ~4 * T * heads * head_dim, so K = params_per_layer / (2 * heads * head_dim).
-    Infinite for flash attention (varlen: no work across sequences). A rough model: 4096 when the
+    Infinite for flash attention and dpokit's varlen (no work across sequences). A rough model: 4096 when the
     config does not name the usual sizes.
     """
     base = getattr(model, "module", model)  # DDP
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
     conf = getattr(base, "config", None)
-    if "flash" in str(getattr(conf, "_attn_implementation", "")):
+    if any(k in str(getattr(conf, "_attn_implementation", "")) for k in ("flash", "varlen")):
         return math.inf
     try:
         hidden, inter, heads = conf.hidden_size, conf.intermediate_size, conf.num_attention_heads
@@ -208,6 +214,7 @@ class PackedCollator:
         max_tokens: int = 0,
         pad_to_multiple_of: int | None = None,
         attention_tokens: float = 4096.0,
+        varlen: bool = False,
     ):
         if pad_token_id is None:
             raise ValueError("pad_token_id is required (set a pad token on the tokenizer)")
@@ -222,6 +229,12 @@ class PackedCollator:
         self.max_tokens = max_tokens
         self.multiple = pad_to_multiple_of or 1
         self.attention_tokens = attention_tokens  # K of `balanced_rows` (math.inf: one row)
+        self.varlen = varlen  # also emit the segments of dpokit/varlen.py
+
+    def describe(self) -> str:
+        """One line for the run log: the batch layout."""
+        parts = [name for name, on in (("prefix sharing", self.prefix_sharing), ("packing", self.packing)) if on]
+        return " + ".join(parts) + (" (varlen attention segments)" if self.varlen else " (4D attention mask)")
 
     def _units(self, pairs: list[TokenizedPair]) -> list[_Unit]:
         b = len(pairs)
@@ -290,7 +303,47 @@ class PackedCollator:
         }
         if self.prefix_sharing:  # its presence is what tells the model call to build a 4D mask
             batch["branch_ids"] = torch.tensor(branch, dtype=torch.long)  # (R, T)
+        if self.varlen:
+            batch.update(self._segments(units, layout, seq_len))
         return batch
+
+    def _segments(self, units: list[_Unit], layout: list[list[int]], seq_len: int) -> dict[str, Tensor]:
+        """The varlen segments (dpokit/varlen.py) of the rows `__call__` laid out.
+
+        Token positions are flattened row-major (row r, column c -> r * seq_len + c). A sequence unit
+        is one segment; a pair [P, C, R] is two: queries [P, C] over keys [P, C], and queries [R] over
+        keys [P, R]; row padding is a segment of its own.
+        """
+        q_lens: list[int] = []
+        k_lens: list[int] = []
+        keys: list[range] = []
+        for r, row in enumerate(layout):
+            base = r * seq_len
+            for k in row:
+                u = units[k]
+                n = len(u.tokens)
+                if self.prefix_sharing:
+                    p = u.branches.count(PROMPT)
+                    pc = p + u.branches.count(CHOSEN)
+                    q_lens += [pc, n - pc]
+                    k_lens += [pc, p + n - pc]
+                    keys += [range(base, base + pc), range(base, base + p), range(base + pc, base + n)]
+                else:
+                    q_lens.append(n)
+                    k_lens.append(n)
+                base += n
+            if base < (r + 1) * seq_len:  # row padding
+                q_lens.append((r + 1) * seq_len - base)
+                k_lens.append(q_lens[-1])
+                keys.append(range(base, (r + 1) * seq_len))
+        out = {
+            "cu_seq_q": torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32),  # (S + 1,)
+            "cu_seq_k": torch.tensor([0, *k_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32),  # (S + 1,)
+            "varlen_max": torch.empty(0, max(q_lens), max(k_lens)),  # the maxima, in the shape: no sync
+        }
+        if self.prefix_sharing:  # packing alone: the keys are the tokens themselves
+            out["key_index"] = torch.tensor([i for seg in keys for i in seg], dtype=torch.long)  # (N_k,)
+        return out
 
 
 def block_causal_mask(segment_ids: Tensor, branch_ids: Tensor | None = None) -> Tensor:
@@ -311,19 +364,74 @@ def block_causal_mask(segment_ids: Tensor, branch_ids: Tensor | None = None) -> 
     return mask.unsqueeze(1)  # (R, 1, T, T): one mask for all heads
 
 
-def build_collator(data: DataConfig, pad_token_id: int, model: Any = None) -> PreferenceCollator | PackedCollator:
-    """The collator `data.packing` / `data.prefix_sharing` ask for (the padded one by default).
+def build_collator(
+    data: DataConfig, pad_token_id: int, model: Any = None, device: torch.device | str | None = None
+) -> PreferenceCollator | PackedCollator:
+    """The collator `data.packing` / `data.prefix_sharing` ask for (padded rows when neither is on).
 
-    `model` (optional) sizes the automatic packed rows (`attention_cost_tokens`).
+    `model` (optional) resolves ``prefix_sharing: auto`` (`resolve_prefix_sharing`; off without a
+    model) and sizes the automatic packed rows (`attention_cost_tokens`). `device`: where the model
+    will run (default: where its parameters are now).
     """
     multiple = data.pad_to_multiple_of or None
-    if not (data.packing or data.prefix_sharing):
+    prefix_sharing = resolve_prefix_sharing(data, model, device)
+    if not (data.packing or prefix_sharing):
         return PreferenceCollator(pad_token_id=pad_token_id, pad_to_multiple_of=multiple)
     return PackedCollator(
         pad_token_id,
         packing=data.packing,
-        prefix_sharing=data.prefix_sharing,
+        prefix_sharing=prefix_sharing,
         max_tokens=data.packing_max_tokens,
         pad_to_multiple_of=multiple,
         attention_tokens=attention_cost_tokens(model) if model is not None else 4096.0,
+        varlen=model is not None and _runs_varlen(model),
     )
+
+
+def _base_config(model: Any) -> Any:
+    base = getattr(model, "module", model)  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
+    return getattr(base, "config", None)
+
+
+def _sliding_window(conf: Any) -> int | None:
+    """The attention window of a sliding-window model (Mistral, Qwen2 with use_sliding_window, Gemma 2/3)."""
+    window = getattr(conf, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(conf, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def resolve_prefix_sharing(data: DataConfig, model: Any = None, device: torch.device | str | None = None) -> bool:
+    """``data.prefix_sharing`` as a bool. auto is on where sharing is exact AND faster: on CPU with
+    sdpa / eager (a 4D mask; measured ~1.8x per step, docs/benchmarks.md) and with dpokit's varlen
+    kernel (docs/benchmarks-gpu.md); off on a GPU with SDPA, whose 4D mask leaves the flash kernels.
+
+    Sharing replaces the model's own mask, so a sliding window shorter than `max_length` would be
+    lost: auto is off for such a model, and an explicit true is refused.
+    """
+    conf = _base_config(model) if model is not None else None
+    window = _sliding_window(conf)
+    if window is not None and window < data.max_length:
+        if data.prefix_sharing is True:
+            raise ConfigError(
+                f"data.prefix_sharing: the model attends within a sliding window of {window} tokens, which "
+                f"the shared-prefix mask cannot express for sequences up to data.max_length={data.max_length}; "
+                "set data.prefix_sharing=false (or data.max_length <= the window)"
+            )
+        return False
+    if data.prefix_sharing != "auto":
+        return bool(data.prefix_sharing)
+    if model is None:
+        return False
+    impl = str(getattr(conf, "_attn_implementation", "") or "sdpa")
+    if impl == "dpokit_varlen":
+        return True
+    if device is None:
+        device = next(iter(model.parameters())).device
+    return torch.device(device).type == "cpu" and impl in ("sdpa", "eager")
+
+
+def _runs_varlen(model: Any) -> bool:
+    """Does `model` (possibly DDP- / PEFT-wrapped) run dpokit's varlen attention?"""
+    return str(getattr(_base_config(model), "_attn_implementation", "")) == "dpokit_varlen"

@@ -312,6 +312,11 @@ def load_model(
 
     src = _as_source(source)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if attn_implementation == "varlen":  # dpokit's own kernel (dpokit/varlen.py)
+        from dpokit import varlen
+
+        varlen.register()
+        attn_implementation = varlen.IMPL_NAME
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if src.kind == "gguf":

@@ -196,7 +196,11 @@ def build_optimizer(cfg: Config, model: Any) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "rmsprop":  # the reference DPO implementation's choice
         return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # The fused kernel (CPU and CUDA) updates each tensor in one pass: faster than the per-tensor loop,
+    # and no per-step temporaries the size of the model. Plain tensors only (not FSDP's DTensors).
+    fused = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
+                and p.dtype in (torch.float32, torch.bfloat16) for p in params)  # fmt: skip
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -250,7 +254,7 @@ class Setup:
 
 
 
-def _accelerator(mixed_precision: str) -> Any:
+def _accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     """An Accelerator for this run, also when an earlier run in this process used another precision.
 
     Accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator with
@@ -263,7 +267,7 @@ def _accelerator(mixed_precision: str) -> Any:
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 
 def setup(cfg: Config, out: Path) -> Setup:
@@ -294,7 +298,8 @@ def setup(cfg: Config, out: Path) -> Setup:
     lm_head_chunk = 1024 if accelerator.num_processes == 1 else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # padded [chosen; rejected] rows by default; packed / prefix-shared rows with data.packing / data.prefix_sharing
-    collator = build_collator(cfg.data, pad_id, policy)  # the policy sizes packed rows
+    collator = build_collator(cfg.data, pad_id, policy, accelerator.device)  # the policy sizes packed rows
+    log(f"batches: {collator.describe()}")
     reference, eval_reference = _build_references(
         cfg, accelerator, policy, tokenizer, dtype, train_pairs, eval_pairs, collator, lm_head_chunk
     )

@@ -27,7 +27,6 @@ def _overrides(spec: Any, data_file: Path) -> list[str]:
     return [
         f"model.name_or_path={spec.model_dir}",
         f"model.dtype={dtype}",
-        "model.attn_implementation=sdpa",
         f"data.train_files=[{data_file}]",
         "data.eval_files=[]",
         f"data.max_length={spec.max_length}",
@@ -92,8 +91,20 @@ def run(spec: Any) -> dict[str, Any]:
             micro.append([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in mb])
             yield mb
 
+    from dpokit import packing
+
+    layout: dict[str, str] = {}
+    orig_build = packing.build_collator
+
+    def build(data: Any, pad: int, model: Any = None, device: Any = None) -> Any:  # what `auto` resolved to
+        collator = orig_build(data, pad, model, device)
+        layout["batches"] = collator.describe()
+        layout["attention"] = str(getattr(packing._base_config(model), "_attn_implementation", "?"))
+        return collator
+
     M.MetricsLogger.log = log
     T.PairStream.__iter__ = stream
+    packing.build_collator = build
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_train = time.perf_counter()
@@ -118,6 +129,7 @@ def run(spec: Any) -> dict[str, Any]:
             "group_by_length": getattr(cfg.data, "group_by_length", None),
             "packing": getattr(cfg.data, "packing", None),
             "prefix_sharing": getattr(cfg.data, "prefix_sharing", None),
+            **layout,
             "reference.precompute": cfg.reference.precompute,
             "mixed_precision": cfg.train.mixed_precision,
             "model.dtype": cfg.model.dtype,

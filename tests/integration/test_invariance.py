@@ -34,13 +34,13 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir: Path) -> None:
-    from accelerate import Accelerator
+    from dpokit.trainer import _accelerator
 
     cfg, policy, tok, pairs = _setup(tiny_model_dir)
     ref = modeling.build_reference(cfg, policy, torch.float32)
     policy.train()
     collate = PreferenceCollator(tok.pad_token_id, pad_to_multiple_of=8)
-    acc = Accelerator(cpu=True)
+    acc = _accelerator("no", cpu=True)  # fp32, whatever precision an earlier test's run used
     chosen = pairs[:4]
     results = []
     for layout in ([chosen], [[p] for p in chosen]):  # 4 x 1 vs 1 x 4

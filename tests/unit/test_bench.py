@@ -107,9 +107,12 @@ def test_dpokit_best_flags_exist_in_config() -> None:
     from bench.compare import dpokit_best_flags
     from dpokit.config import Config
 
-    flags = dpokit_best_flags()
-    assert "reference.precompute=true" in flags
-    Config().override(flags).validate()  # every key the harness switches on is a real, valid key
+    for device in ("cpu", "cuda"):
+        flags = dpokit_best_flags(device)
+        assert "reference.precompute=true" in flags and "data.prefix_sharing=true" in flags
+        Config().override(flags).validate()  # every key the harness switches on is a real, valid key
+    assert "model.attn_implementation=varlen" in dpokit_best_flags("cuda")
+    assert "model.attn_implementation=varlen" not in dpokit_best_flags("cpu")
 
 
 @pytest.mark.slow

@@ -140,6 +140,8 @@ def test_attention_cost_tokens() -> None:
     assert attention_cost_tokens(Model()) == 3072
     Conf._attn_implementation = "flash_attention_2"
     assert attention_cost_tokens(Model()) == math.inf
+    Conf._attn_implementation = "dpokit_varlen"
+    assert attention_cost_tokens(Model()) == math.inf
     assert attention_cost_tokens(object()) == 4096.0  # no config: a middle-of-the-road guess
 
 
@@ -151,6 +153,10 @@ def test_build_collator_and_config() -> None:
     with pytest.raises(ConfigError, match="data.prefix_sharing needs a 4D attention mask"):
         Config().override(["data.prefix_sharing=true", "model.attn_implementation=flash_attention_2"]).validate()
     Config().override(["data.packing=true", "model.attn_implementation=flash_attention_2"]).validate()
+    Config().override(["data.prefix_sharing=true", "model.attn_implementation=varlen"]).validate()
+    Config().override(["model.attn_implementation=varlen"]).validate()  # prefix_sharing auto: on with varlen
+    with pytest.raises(ConfigError, match="varlen is for packed batches"):
+        Config().override(["model.attn_implementation=varlen", "data.prefix_sharing=false"]).validate()
     with pytest.raises(ConfigError, match="data.packing_max_tokens must be >= 0"):
         Config().override(["data.packing_max_tokens=-1"]).validate()
 
@@ -213,3 +219,55 @@ def test_old_entry_points_still_route_through_masks() -> None:
     got_h, n_h = chunked_lm_head_logps(logits, torch.eye(13), padded["input_ids"], padded["completion_mask"], 4)
     torch.testing.assert_close(got_h, want)
     assert n_got.tolist() == n_want.tolist() == n_h.tolist()
+
+
+def _fake_model(impl: str = "sdpa", **conf: object) -> torch.nn.Module:
+    model = torch.nn.Linear(2, 2)
+    model.config = type("Conf", (), {"_attn_implementation": impl, **conf})()
+    return model
+
+
+def test_prefix_sharing_auto_resolution() -> None:
+    """auto is on where sharing is exact and faster (CPU with a 4D mask; varlen anywhere), off on a GPU
+    with SDPA, off without a model, off (and true refused) under a sliding window < max_length."""
+    from dpokit.packing import resolve_prefix_sharing
+
+    auto = Config().data
+    assert auto.prefix_sharing == "auto"
+    assert resolve_prefix_sharing(auto, _fake_model("sdpa")) is True  # parameters on CPU
+    assert resolve_prefix_sharing(auto, _fake_model("eager"), "cpu") is True
+    assert resolve_prefix_sharing(auto, _fake_model("sdpa"), "cuda") is False
+    assert resolve_prefix_sharing(auto, _fake_model("dpokit_varlen"), "cuda") is True
+    assert resolve_prefix_sharing(auto, _fake_model("flash_attention_2"), "cpu") is False
+    assert resolve_prefix_sharing(auto, None) is False
+    off = Config().override(["data.prefix_sharing=false"]).data
+    assert resolve_prefix_sharing(off, _fake_model("sdpa")) is False
+    assert isinstance(build_collator(auto, 0, _fake_model("sdpa")), PackedCollator)
+    assert type(build_collator(off, 0, _fake_model("sdpa"))) is PreferenceCollator
+
+    windowed = _fake_model("sdpa", sliding_window=128)  # Mistral-style window shorter than max_length 1024
+    assert resolve_prefix_sharing(auto, windowed) is False
+    on = Config().override(["data.prefix_sharing=true"]).data
+    with pytest.raises(ConfigError, match="sliding window of 128"):
+        resolve_prefix_sharing(on, windowed)
+    assert resolve_prefix_sharing(on, _fake_model("sdpa", sliding_window=4096)) is True  # window >= max_length
+    assert resolve_prefix_sharing(auto, _fake_model("sdpa", sliding_window=128, use_sliding_window=False)) is True
+
+
+def test_attn_implementation_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto = dpokit's varlen kernel on a CUDA GPU computing in bf16 (weights or autocast), else sdpa."""
+    from dpokit import modeling, varlen
+
+    cfg = Config()
+    assert cfg.model.attn_implementation == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.resolve_attn_implementation(cfg, torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(varlen, "flash_available", lambda: True)
+    assert modeling.resolve_attn_implementation(cfg, torch.bfloat16) == "varlen"
+    assert modeling.resolve_attn_implementation(cfg, torch.float32) == "sdpa"  # flash needs half precision
+    mixed = cfg.override(["train.mixed_precision=bf16"])
+    assert modeling.resolve_attn_implementation(mixed, torch.float32) == "varlen"
+    assert modeling.resolve_attn_implementation(cfg.override(["model.attn_implementation=eager"]), torch.bfloat16) == "eager"
+    monkeypatch.setattr(varlen, "flash_available", lambda: False)  # torch < 2.10
+    assert modeling.resolve_attn_implementation(cfg, torch.bfloat16) == "sdpa"
