@@ -14,6 +14,7 @@ import torch
 from dpokit import metrics as M
 from dpokit.collate import PreferenceCollator, TokenizedPair
 from dpokit.config import Config
+from dpokit.modeling import LM_HEAD_CHUNK
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def evaluate_pairs(
     cfg: Config,
     collator: PreferenceCollator,
     accelerator: Any = None,
-    lm_head_chunk: int = 1024,
+    lm_head_chunk: int = LM_HEAD_CHUNK,
 ) -> dict[str, float]:
     """Average loss / rewards / log-probs over `pairs` (sharded over processes, then reduced)."""
     from dpokit.trainer import batch_loss

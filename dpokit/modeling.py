@@ -22,6 +22,11 @@ from dpokit.config import Config
 from dpokit.errors import ConfigError
 from dpokit.logps import chunked_lm_head_logps, indexed_logps, sequence_logps
 
+# Scored positions per LM-head chunk. Each chunk holds ~3 (chunk, V) fp32 blocks at once (logits,
+# softmax, their gradient): 256 x 49k vocab x 4 B x 3 = 150 MB, against 600 MB at 1024, for a head
+# matmul still large enough to run at full speed.
+LM_HEAD_CHUNK = 256
+
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """'auto' -> bf16 on a GPU that supports it, fp32 elsewhere (fp16 is never chosen: it NaNs DPO)."""
@@ -131,7 +136,7 @@ def _lm_head_parts(model: Any) -> tuple[Any, Tensor, Tensor | None] | None:
     return decoder, head.weight, head.bias
 
 
-def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int = 1024) -> PolicyLogps:
+def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int = LM_HEAD_CHUNK) -> PolicyLogps:
     """One forward over [chosen; rejected] (2B rows) and the per-sequence log-probs.
 
     With `lm_head_chunk > 0` and a plain Linear head, logits are computed only at scored
@@ -236,7 +241,7 @@ class Reference:
     """
 
     def __init__(
-        self, mode: str, model: Any = None, policy: Any = None, lm_head_chunk: int = 1024, table: Any = None
+        self, mode: str, model: Any = None, policy: Any = None, lm_head_chunk: int = LM_HEAD_CHUNK, table: Any = None
     ):
         if mode == "cached" and table is None:
             raise ValueError("Reference('cached') needs a table (dpokit.refcache.RefTable)")
@@ -265,7 +270,7 @@ class Reference:
         return out.chosen_logps, out.rejected_logps
 
 
-def build_reference(cfg: Config, policy: Any, dtype: torch.dtype, lm_head_chunk: int = 1024) -> Reference:
+def build_reference(cfg: Config, policy: Any, dtype: torch.dtype, lm_head_chunk: int = LM_HEAD_CHUNK) -> Reference:
     """Build the live reference the config asks for. Call before the policy is trained.
 
     With reference.precompute, `dpokit.refcache.precompute_references` builds cached references

@@ -295,7 +295,7 @@ def setup(cfg: Config, out: Path) -> Setup:
     if not train_pairs:
         raise DpokitError("no training pairs left after validation and truncation (see the summary above)")
     # The decoder-direct chunked head bypasses the wrapper's forward, which DDP/FSDP need.
-    lm_head_chunk = 1024 if accelerator.num_processes == 1 else 0
+    lm_head_chunk = modeling.LM_HEAD_CHUNK if accelerator.num_processes == 1 else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # padded [chosen; rejected] rows by default; packed / prefix-shared rows with data.packing / data.prefix_sharing
     collator = build_collator(cfg.data, pad_id, policy, accelerator.device)  # the policy sizes packed rows
