@@ -361,6 +361,9 @@ This is the usual `6 N tokens` (full) / `4 N tokens` (LoRA) rule plus the attent
 Recomputation by gradient checkpointing is not counted (model FLOPs, not hardware FLOPs), and the
 count is the same for both tools for the same pairs, so the FLOP/s ratio equals the tokens/s ratio.
 With precomputed reference log-probs the step holds no reference forward, so its FLOPs are lower.
+Prefix sharing and packing do NOT lower the count: F is the work of the unshared, unpadded pair, so
+a tool that runs each prompt once shows it as more FLOP/s, and its MFU can approach or pass 100%
+(it is the speed of the logical computation, not the hardware's utilisation).
 """
 
 
