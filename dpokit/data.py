@@ -985,6 +985,31 @@ def _write_skipped(path: str | Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
+def _read_rows(paths: list[Path], fmt: str, skip: bool) -> tuple[list[RawPair], list[dict[str, Any]]]:
+    """Every row of `paths`, normalised; malformed rows raise (skip=False) or are returned as skip records."""
+    raw: list[RawPair] = []
+    skipped: list[dict[str, Any]] = []
+    for path in paths:
+        n_records = 0
+        for rownum, value in _records(path):
+            n_records += 1
+            try:
+                if isinstance(value, _Unreadable):
+                    raise value.error
+                raw.append(normalize_row(value, path, rownum, fmt))
+            except DataError as e:
+                if not skip:
+                    e.args = (e.args[0] + _SKIP_HINT,)
+                    raise
+                row = value if isinstance(value, dict) else None
+                skipped.append(_skip_record(e, row, value.text if isinstance(value, _Unreadable) else None))
+        if n_records == 0:
+            expected = _EMPTY_EXPECTED.get(path.suffix.lower(), "rows with prompt/chosen/rejected fields")
+            empty = "the file is empty" if path.is_file() and path.stat().st_size == 0 else "the file holds no rows"
+            raise DataError(str(path), f"{empty}; expected {expected}")
+    return raw, skipped
+
+
 def load_pairs(
     files: str | Path | Sequence[str | Path],
     tokenizer: Any,
@@ -1009,27 +1034,7 @@ def load_pairs(
         raise ConfigError(f"data.on_bad_row must be error or skip, got {on_bad_row!r}")
     skip = on_bad_row == "skip"
     paths = expand_files(files)
-
-    raw: list[RawPair] = []
-    skipped: list[dict[str, Any]] = []
-    for path in paths:
-        n_records = 0
-        for rownum, value in _records(path):
-            n_records += 1
-            try:
-                if isinstance(value, _Unreadable):
-                    raise value.error
-                raw.append(normalize_row(value, path, rownum, fmt))
-            except DataError as e:
-                if not skip:
-                    e.args = (e.args[0] + _SKIP_HINT,)
-                    raise
-                row = value if isinstance(value, dict) else None
-                skipped.append(_skip_record(e, row, value.text if isinstance(value, _Unreadable) else None))
-        if n_records == 0:
-            expected = _EMPTY_EXPECTED.get(path.suffix.lower(), "rows with prompt/chosen/rejected fields")
-            empty = "the file is empty" if path.is_file() and path.stat().st_size == 0 else "the file holds no rows"
-            raise DataError(str(path), f"{empty}; expected {expected}")
+    raw, skipped = _read_rows(paths, fmt, skip)
 
     max_length = getattr(data_cfg, "max_length", None)
     max_prompt_length = getattr(data_cfg, "max_prompt_length", None)

@@ -43,6 +43,31 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, top_p: float,
+                       top_k: int) -> Any:  # fmt: skip
+    """Checked sampling settings as a transformers GenerationConfig (temperature 0 = greedy)."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise DpokitError("max_new_tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise DpokitError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if tokenizer.pad_token_id is None:
+        raise DpokitError("tokenizer has no pad token; load it with dpokit.sources.load_tokenizer")
+    do_sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=_eos_ids(model, tokenizer) or None,
+    )
+
+
 def sample_responses(
     model: Any,
     tokenizer: Any,
@@ -66,35 +91,18 @@ def sample_responses(
     global torch RNG is left as it was.
     """
     import torch
-    from transformers import GenerationConfig
 
     if n < 1:
         raise DpokitError(f"number of samples per prompt must be >= 1, got {n}")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise DpokitError("batch_size and max_new_tokens must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise DpokitError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if tokenizer.pad_token_id is None:
-        raise DpokitError("tokenizer has no pad token; load it with dpokit.sources.load_tokenizer")
-
+    if batch_size < 1:
+        raise DpokitError("batch_size must be >= 1")
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, top_k)
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     encoded = [tokenizer(text, add_special_tokens=add)["input_ids"] for text, add in rendered]
     # One job per (prompt, sample). Sorting by prompt length keeps padding (wasted compute) small;
     # the stable sort keeps the order, and so the result, deterministic.
     jobs = sorted(((i, j) for i in range(len(prompts)) for j in range(n)), key=lambda ij: len(encoded[ij[0]]))
 
-    do_sample = temperature > 0
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=top_k if do_sample else None,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=_eos_ids(model, tokenizer) or None,
-    )
     device = next(model.parameters()).device
     out: list[list[str]] = [[""] * n for _ in prompts]
     was_training = model.training
