@@ -57,7 +57,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         cfg = cfg.override([f"train.eval_batch_size={args.batch_size}"])
     cfg.validate()
-    result = evaluate(args.model, args.data, ref=args.ref, cfg=cfg)
+    result = evaluate(args.model, args.data, ref=args.ref, cfg=cfg, skipped_path=args.skipped)
     if args.json:
         print(json.dumps({"loss_type": cfg.loss.type, "beta": cfg.loss.beta, **result}, indent=2))
     else:
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None, help="pairs per forward pass")
     e.add_argument("--config", default=None, help="YAML config for data/loss settings")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--skipped", default=None, metavar="FILE",
+                   help="with data.on_bad_row=skip: write the skipped rows here (JSON Lines)")  # fmt: skip
     e.add_argument("overrides", nargs="*", help="section.key=value overrides")
     e.set_defaults(func=cmd_evaluate)
 

@@ -54,6 +54,7 @@ def evaluate(
     data_files: list[str],
     ref: str | None = None,
     cfg: Config | None = None,
+    skipped_path: str | None = None,
 ) -> dict[str, float]:
     """Load `model` (a HF folder, .gguf, alias, or a LoRA adapter folder) and its reference, and
     evaluate every pair of `data_files`. Settings (loss, beta, max_length, ...) come from `cfg`.
@@ -61,6 +62,7 @@ def evaluate(
     Reference: `ref` if given; else the adapter's base with adapters off for an adapter folder;
     none for reference-free losses. Its log-probs come from the reference cache (`dpokit.refcache`)
     when one exists for exactly that reference + data; reference.precompute=true also writes one.
+    With data.on_bad_row=skip, `skipped_path` receives the skipped rows (JSON Lines).
     """
     from dpokit import data, modeling
     from dpokit.errors import ConfigError
@@ -82,7 +84,7 @@ def evaluate(
     else:
         raise ConfigError(f"loss '{cfg.loss.type}' needs a reference model: pass --ref PATH")
     policy.to(device)
-    pairs, summary = data.load_pairs(data_files, tokenizer, cfg.data)
+    pairs, summary = data.load_pairs(data_files, tokenizer, cfg.data, skipped_path=skipped_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # padded [chosen; rejected] rows by default; packed / prefix-shared rows with data.packing / data.prefix_sharing
     collator = build_collator(cfg.data, pad_id, policy)  # the policy sizes packed rows

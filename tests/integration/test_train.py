@@ -92,6 +92,21 @@ def test_evaluate_cli_json(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.
         assert key in res
 
 
+def test_evaluate_skip_mode_writes_skipped_rows(tiny_model_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """`dpokit evaluate ... data.on_bad_row=skip --skipped FILE` evaluates the good rows and lists the bad."""
+    rows = (TOY / "eval.jsonl").read_text().splitlines()[:5]
+    data_file = tmp_path / "mixed.jsonl"
+    data_file.write_text("\n".join([rows[0], '{"prompt": "p", "chosen": 3, "rejected": "r"}', *rows[1:]]) + "\n")
+    skipped = tmp_path / "skipped.jsonl"
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--ref", str(tiny_model_dir), "--data", str(data_file),
+                 "--json", "--skipped", str(skipped), "data.on_bad_row=skip"])  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 5
+    (record,) = [json.loads(line) for line in skipped.read_text().splitlines()]
+    assert record["field"] == "chosen" and "line 2" in record["location"]
+
+
 def test_config_command_prints_commented_yaml(capsys: pytest.CaptureFixture) -> None:
     assert main(["config"]) == 0
     text = capsys.readouterr().out
