@@ -215,7 +215,9 @@ class _LMHeadTokenLogps(torch.autograd.Function):
             dz.scatter_add_(-1, targets[sl].unsqueeze(-1), g)  # + onehot * g
             if need_b:
                 grad_b += dz.sum(0) * ctx.scale  # (V,)
-            dz = (dz * ctx.scale).to(weight.dtype)  # (c, V) grad w.r.t. h @ W.T + b; matmuls in input dtype
+            if ctx.scale != 1.0:
+                dz.mul_(ctx.scale)
+            dz = dz.to(weight.dtype)  # (c, V) grad w.r.t. h @ W.T + b (no copy in fp32); matmuls in input dtype
             if need_h:
                 grad_h[sl] = (dz @ weight).to(hidden.dtype)  # (c, H)
             if need_w:

@@ -445,6 +445,9 @@ def train(cfg: Config) -> TrainResult:
             _log(run, state, steps, eval_metrics)
             acc.print(M.format_line(steps, steps, {**state.last, **eval_metrics}))
         run.logger.close()
+        # Writing the model serialises a copy of the weights; the optimizer state (2x the trainable
+        # weights for AdamW) is no longer needed, so free it first: the save must not set the peak.
+        optimizer.state.clear()
         written = _save(acc, policy, s.tokenizer, cfg, out)
     return TrainResult(str(out), steps, state.last, eval_metrics, written)
 
