@@ -8,8 +8,43 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def prepare(spec: Any) -> tuple[bool, Path, list[dict[str, Any]]]:
+    """What every worker does first: torch threads, the run folder and this run's pairs.
+
+    Returns (on CUDA?, run folder, the first steps x pairs_per_step rows of the data file).
+    """
+    import torch
+
+    from bench import common
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return spec.device == "cuda", run_dir, common.subset_rows(spec.data, spec.steps * spec.pairs_per_step)
+
+
+def main(tool: str, run: Callable[[Any], dict[str, Any]], argv: list[str], t_start: float) -> int:
+    """A worker's entry point: run the tool on the spec in argv[0] and print one result line.
+    A failure is reported as a result line too, so the comparison never hangs on a worker."""
+    from bench import common
+
+    spec = common.Spec.from_json(argv[0])
+    try:
+        raw = run(spec)
+    except Exception as exc:
+        traceback.print_exc()
+        common.emit_result({"ok": False, "tool": tool, "mode": spec.mode, "workload": spec.workload,
+                            "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return 1
+    common.emit_result(finish(spec, raw, t_start))
+    return 0
 
 
 def finish(spec: Any, raw: dict[str, Any], t_start: float) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +56,13 @@ def _overrides(spec: Any, data_file: Path) -> list[str]:
 def run(spec: Any) -> dict[str, Any]:
     import torch
 
-    from bench import common
+    from bench.workers import prepare
     from dpokit import metrics as M
     from dpokit import trainer as T
     from dpokit.config import Config
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    cuda = spec.device == "cuda"
-    run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cuda, run_dir, rows = prepare(spec)
     data_file = run_dir / "pairs.jsonl"
-    rows = common.subset_rows(spec.data, spec.steps * spec.pairs_per_step)
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     cfg = Config().override(_overrides(spec, data_file) + list(spec.extra))
@@ -140,21 +134,7 @@ def run(spec: Any) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
-    from bench import common
-    from bench.workers import finish
-
-    spec = common.Spec.from_json(argv[0])
-    try:
-        raw = run(spec)
-    except Exception as exc:  # report, don't hang the comparison
-        traceback.print_exc()
-        common.emit_result({"ok": False, "tool": "dpokit", "mode": spec.mode, "workload": spec.workload,
-                            "error": f"{type(exc).__name__}: {exc}"[:500]})
-        return 1
-    common.emit_result(finish(spec, raw, T_START))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from bench.workers import main
+
+    sys.exit(main("dpokit", run, sys.argv[1:], T_START))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import traceback
-from pathlib import Path
 from typing import Any
 
 T_START = time.perf_counter()
@@ -57,13 +55,9 @@ def run(spec: Any) -> dict[str, Any]:
     import torch
 
     from bench import common
+    from bench.workers import prepare
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    cuda = spec.device == "cuda"
-    run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rows = common.subset_rows(spec.data, spec.steps * spec.pairs_per_step)
+    cuda, run_dir, rows = prepare(spec)
 
     t_train = time.perf_counter()
     from datasets import Dataset
@@ -162,21 +156,7 @@ def run(spec: Any) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
-    from bench import common
-    from bench.workers import finish
-
-    spec = common.Spec.from_json(argv[0])
-    try:
-        raw = run(spec)
-    except Exception as exc:
-        traceback.print_exc()
-        common.emit_result({"ok": False, "tool": "trl", "mode": spec.mode, "workload": spec.workload,
-                            "error": f"{type(exc).__name__}: {exc}"[:500]})
-        return 1
-    common.emit_result(finish(spec, raw, T_START))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from bench.workers import main
+
+    sys.exit(main("trl", run, sys.argv[1:], T_START))
