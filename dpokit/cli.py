@@ -112,18 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands whose modules bring their own arguments (kept out of this file's imports)."""
-    try:
-        from dpokit import pairs
-    except ImportError:  # pragma: no cover - module missing in a partial install
-        return
+    """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
+    from dpokit import demo, pairs
+
     pp = sub.add_parser("pairs", help="sample responses, label them with a judge, write preference pairs")
     pairs.add_pairs_arguments(pp)
     pp.set_defaults(func=pairs.pairs_command)
-    try:
-        from dpokit import demo
-    except ImportError:  # pragma: no cover - module missing in a partial install
-        return
     dp = sub.add_parser("demo", help="LoRA DPO of SmolLM2 towards positive movie reviews, with a before/after report")
     demo.add_demo_arguments(dp)
     dp.set_defaults(func=demo.demo_command)
