@@ -21,6 +21,7 @@ from dpokit import varlen
 from dpokit.config import Config
 from dpokit.errors import ConfigError
 from dpokit.logps import chunked_lm_head_logps, indexed_logps, sequence_logps
+from dpokit.packing import attn_implementation_of
 
 # Scored positions per LM-head chunk. Each chunk holds ~3 (chunk, V) fp32 blocks at once (logits,
 # softmax, their gradient): 256 x 49k vocab x 4 B x 3 = 150 MB, against 600 MB at 1024, for a head
@@ -165,13 +166,6 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
     return PolicyLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
 
 
-def _attn_implementation(model: Any) -> str:
-    """The attention kernel the (possibly DDP- / PEFT-wrapped) model runs with."""
-    base = getattr(model, "module", model)  # DDP
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
-
-
 def _packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Model kwargs that keep the packed units of `batch` apart (see dpokit/packing.py).
 
@@ -186,7 +180,7 @@ def _packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tens
       default of a freshly loaded model, e.g. a reference) the forward creates one: the mask then
       silently falls back to plain causal over the whole row. Hence ``use_cache=False`` always.
     """
-    impl = _attn_implementation(model)
+    impl = attn_implementation_of(model)
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]  # (R, T)
     if impl == varlen.IMPL_NAME:  # segments instead of a mask (dpokit/varlen.py); no mask is built
         if "cu_seq_q" not in batch:

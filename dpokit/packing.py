@@ -76,6 +76,7 @@ from torch import Tensor
 
 from dpokit.collate import PreferenceCollator, TokenizedPair
 from dpokit.errors import ConfigError
+from dpokit.varlen import IMPL_NAME as VARLEN
 
 if TYPE_CHECKING:
     from dpokit.config import DataConfig
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PackedCollator",
     "attention_cost_tokens",
+    "attn_implementation_of",
     "balanced_rows",
     "block_causal_mask",
     "build_collator",
@@ -187,10 +189,8 @@ def attention_cost_tokens(model: Any) -> float:
     Infinite for flash attention and dpokit's varlen (no work across sequences). A rough model: 4096 when the
     config does not name the usual sizes.
     """
-    base = getattr(model, "module", model)  # DDP
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
-    conf = getattr(base, "config", None)
-    if any(k in str(getattr(conf, "_attn_implementation", "")) for k in ("flash", "varlen")):
+    conf = _base_config(model)
+    if any(k in attn_implementation_of(model) for k in ("flash", "varlen")):
         return math.inf
     try:
         hidden, inter, heads = conf.hidden_size, conf.intermediate_size, conf.num_attention_heads
@@ -389,9 +389,15 @@ def build_collator(
 
 
 def _base_config(model: Any) -> Any:
+    """The transformers config of a possibly DDP- / PEFT-wrapped model (None if it has none)."""
     base = getattr(model, "module", model)  # DDP
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
     return getattr(base, "config", None)
+
+
+def attn_implementation_of(model: Any) -> str:
+    """The attention kernel the (possibly DDP- / PEFT-wrapped) model runs with; sdpa if it does not say."""
+    return str(getattr(_base_config(model), "_attn_implementation", None) or "sdpa")
 
 
 def _sliding_window(conf: Any) -> int | None:
@@ -424,8 +430,8 @@ def resolve_prefix_sharing(data: DataConfig, model: Any = None, device: torch.de
         return bool(data.prefix_sharing)
     if model is None:
         return False
-    impl = str(getattr(conf, "_attn_implementation", "") or "sdpa")
-    if impl == "dpokit_varlen":
+    impl = attn_implementation_of(model)
+    if impl == VARLEN:
         return True
     if device is None:
         device = next(iter(model.parameters())).device
@@ -434,4 +440,4 @@ def resolve_prefix_sharing(data: DataConfig, model: Any = None, device: torch.de
 
 def _runs_varlen(model: Any) -> bool:
     """Does `model` (possibly DDP- / PEFT-wrapped) run dpokit's varlen attention?"""
-    return str(getattr(_base_config(model), "_attn_implementation", "")) == "dpokit_varlen"
+    return attn_implementation_of(model) == VARLEN

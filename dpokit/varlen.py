@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 IMPL_NAME = "dpokit_varlen"  # the name transformers knows it by (config `model.attn_implementation: varlen`)
-LAYOUT_KEYS = ("cu_seq_q", "cu_seq_k", "key_index", "varlen_max")
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def flash_available() -> bool:
 
 
 def _use_flash(query: Tensor) -> bool:
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_kernel() is not None
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_available()
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float) -> Tensor:

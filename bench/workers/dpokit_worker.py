@@ -93,7 +93,7 @@ def run(spec: Any) -> dict[str, Any]:
     def build(data: Any, pad: int, model: Any = None, device: Any = None) -> Any:  # what `auto` resolved to
         collator = orig_build(data, pad, model, device)
         layout["batches"] = collator.describe()
-        layout["attention"] = str(getattr(packing._base_config(model), "_attn_implementation", "?"))
+        layout["attention"] = packing.attn_implementation_of(model)
         return collator
 
     M.MetricsLogger.log = log
