@@ -21,7 +21,7 @@ from dpokit import varlen
 from dpokit.config import Config
 from dpokit.errors import ConfigError
 from dpokit.logps import chunked_lm_head_logps, indexed_logps, sequence_logps
-from dpokit.packing import attn_implementation_of
+from dpokit.packing import attn_implementation_of, block_causal_mask
 
 # Scored positions per LM-head chunk. Each chunk holds ~3 (chunk, V) fp32 blocks at once (logits,
 # softmax, their gradient): 256 x 49k vocab x 4 B x 3 = 150 MB, against 600 MB at 1024, for a head
@@ -188,8 +188,6 @@ def _packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tens
         return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
                 "dpokit_varlen": varlen.varlen_layout(batch)}  # fmt: skip
     if "branch_ids" in batch:  # prefix sharing: "see the prompt, not the other branch" needs a 4D mask
-        from dpokit.packing import block_causal_mask
-
         mask = block_causal_mask(batch["segment_ids"], batch["branch_ids"])  # (R, 1, T, T) bool
         if impl == "eager":
             dtype = next(model.parameters()).dtype
