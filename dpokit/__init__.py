@@ -18,15 +18,15 @@ def __getattr__(name: str) -> Any:  # lazy public API (PEP 562)
 
         return Config
     if name in ("LOSSES", "LossOutput"):
-        from dpokit import losses
+        from dpokit.objectives import losses
 
         return getattr(losses, name)
     if name == "train":
-        from dpokit.trainer import train
+        from dpokit.train.loop import train
 
         return train
     if name == "evaluate":
-        from dpokit.evaluate import evaluate
+        from dpokit.eval.pairs import evaluate
 
         return evaluate
     raise AttributeError(f"module 'dpokit' has no attribute {name!r}")

@@ -33,7 +33,7 @@ def _validated(cfg: Config, path: str | None, overrides: list[str]) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dpokit.trainer import train
+    from dpokit.train.loop import train
 
     cfg = _validated(_load_config(args.config, args.overrides), args.config, args.overrides)
     result = train(cfg)
@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dpokit.evaluate import evaluate
+    from dpokit.eval.pairs import evaluate
 
     cfg = _load_config(args.config, args.overrides)
     if args.loss is not None:
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
-    from dpokit import demo, pairs
+    from dpokit.apps import demo, pairs
 
     pp = sub.add_parser("pairs", help="sample responses, label them with a judge, write preference pairs")
     pairs.add_pairs_arguments(pp)

@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = _f(["data/toy/train.jsonl"], "training files, globs or folders (jsonl/json/parquet/csv/save_to_disk)")
+    train_files: list[str] = _f(["builtin:toy/train.jsonl"], "training files, globs or folders (jsonl/json/parquet/csv/save_to_disk)")
     eval_files: list[str] = _f([], "held-out files evaluated every train.eval_every steps and at the end")
     format: Literal["auto", "standard", "conversational", "implicit"] = _f(
         "auto", "row format; auto detects prompt/chosen/rejected strings, message lists, or implicit prompt"
@@ -301,7 +301,7 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        from dpokit.losses import LOSSES  # torch-only module; imported here to keep config light
+        from dpokit.objectives.losses import LOSSES  # torch-only module; imported here to keep config light
 
         if lo.type not in LOSSES:
             raise ConfigError(f"loss.type '{lo.type}' is not one of: {', '.join(sorted(LOSSES))}")

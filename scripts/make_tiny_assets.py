@@ -1,9 +1,9 @@
 """Regenerate dpokit's tiny test assets deterministically.
 
 Writes:
-  data/toy/train.jsonl, data/toy/eval.jsonl   standard {"prompt", "chosen", "rejected"} pairs
-  data/toy/chat.jsonl                         conversational rows (message lists, prompt = earlier turns)
-  data/toy/hh_style.jsonl                     implicit-prompt rows in Anthropic-HH text style
+  dpokit/assets/data/toy/train.jsonl, data/toy/eval.jsonl   standard {"prompt", "chosen", "rejected"} pairs
+  dpokit/assets/data/toy/chat.jsonl                         conversational rows (message lists, prompt = earlier turns)
+  dpokit/assets/data/toy/hh_style.jsonl                     implicit-prompt rows in Anthropic-HH text style
   dpokit/assets/tiny_tokenizer/               byte-level BPE tokenizer with a ChatML chat template
 
 The toy preference signal is per-token and therefore learnable by a tiny randomly-initialised
@@ -189,7 +189,7 @@ def main() -> None:
         "hh_style": hh_rows(rng, 20),
     }
     for name, rows in datasets.items():
-        write_jsonl(args.root / "data" / "toy" / f"{name}.jsonl", rows)
+        write_jsonl(args.root / "dpokit" / "assets" / "data" / "toy" / f"{name}.jsonl", rows)
     build_tokenizer(corpus(datasets), args.root / "dpokit" / "assets" / "tiny_tokenizer")
     print(f"wrote {', '.join(f'{k}={len(v)}' for k, v in datasets.items())} rows and the tiny tokenizer")
 

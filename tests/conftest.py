@@ -9,7 +9,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "data" / "toy"
+ASSETS = REPO / "dpokit" / "assets"
+PRESETS = ASSETS / "presets"  # the shipped configs (`dpokit train --preset NAME`)
+TOY = ASSETS / "data" / "toy"
+REVIEWS = ASSETS / "data" / "reviews"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,6 +41,6 @@ def _deterministic() -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Llama + the shipped tiny tokenizer, saved as a HF folder."""
-    from dpokit.tiny import build_tiny_llama
+    from dpokit.models.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)

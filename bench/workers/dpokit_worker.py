@@ -2,11 +2,11 @@
 
     python -m bench.workers.dpokit_worker '<Spec JSON>'
 
-Runs dpokit's own `train()` unchanged, with two read-only observers:
-* step end: `MetricsLogger.log` (called once per step with train.log_every=1, right after the
-  metric sync, i.e. after the step's device work) records a wall timestamp;
-* the pairs of each micro-batch: `PairStream.__iter__` (the training loop's only data source,
-  consumed in order) records each micro-batch's prompt/chosen/rejected token counts.
+Runs dpokit's own `train()` unchanged, observed through the loop's hooks (`dpokit.train.hooks`):
+* `on_setup`: the batch layout and attention kernel the `auto` settings resolved to;
+* `on_micro_batch`: each micro-batch's prompt/chosen/rejected token counts;
+* `on_step_end`: a wall timestamp per optimizer step, taken after the step's metrics row (with
+  train.log_every=1 every step logs one, and computing it syncs with the device).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from dpokit.train.hooks import Hook  # light: the heavy modules load inside run(), inside the timed wall
 
 T_START = time.perf_counter()
 
@@ -53,63 +55,54 @@ def _overrides(spec: Any, data_file: Path) -> list[str]:
     ]
 
 
+class _Probe(Hook):
+    """Records what the benchmark reports; changes nothing the loop computes."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.stamps: list[float] = []  # wall time at the end of each optimizer step
+        self.micro: list[list[tuple[int, int, int]]] = []  # (prompt, chosen, rejected) lengths per micro-batch
+        self.layout: dict[str, str] = {}  # what `auto` resolved to
+
+    def on_setup(self, info: dict[str, str]) -> None:
+        self.layout.update(info)
+
+    def on_micro_batch(self, step: int, examples: list[Any]) -> None:
+        self.micro.append([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in examples])
+
+    def on_step_end(self, step: int, row: dict[str, Any] | None) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+
 def run(spec: Any) -> dict[str, Any]:
     import torch
 
     from bench.workers import prepare
-    from dpokit import metrics as M
-    from dpokit import trainer as T
     from dpokit.config import Config
+    from dpokit.objectives.dpo import reference_mode
+    from dpokit.train.loop import train
 
     cuda, run_dir, rows = prepare(spec)
     data_file = run_dir / "pairs.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     cfg = Config().override(_overrides(spec, data_file) + list(spec.extra))
-    stamps: list[float] = []  # wall time at the end of each optimizer step
-    micro: list[list[tuple[int, int, int]]] = []  # (prompt, chosen, rejected) lengths per micro-batch
-
-    orig_log = M.MetricsLogger.log
-
-    def log(self: Any, step: int, metrics: dict[str, float]) -> None:
-        if "loss" in metrics:  # a training row (eval rows carry eval/ keys only)
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-        orig_log(self, step, metrics)
-
-    orig_iter = T.PairStream.__iter__
-
-    def stream(self: Any):  # noqa: ANN202
-        for mb in orig_iter(self):
-            micro.append([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in mb])
-            yield mb
-
-    from dpokit import packing
-
-    layout: dict[str, str] = {}
-    orig_build = packing.build_collator
-
-    def build(data: Any, pad: int, model: Any = None, device: Any = None) -> Any:  # what `auto` resolved to
-        collator = orig_build(data, pad, model, device)
-        layout["batches"] = collator.describe()
-        layout["attention"] = packing.attn_implementation_of(model)
-        return collator
-
-    M.MetricsLogger.log = log
-    T.PairStream.__iter__ = stream
-    packing.build_collator = build
+    probe = _Probe(cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_train = time.perf_counter()
-    result = T.train(cfg)
+    result = train(cfg, hooks=[probe])
     t_end = time.perf_counter()
+    stamps, micro, layout = probe.stamps, probe.micro, probe.layout
 
     if len(stamps) != spec.steps:
         raise RuntimeError(f"expected {spec.steps} step timestamps (train.log_every=1), got {len(stamps)}")
     steps = [micro[i * spec.grad_accum:(i + 1) * spec.grad_accum] for i in range(spec.steps)]
     applied = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in spec.extra}
-    from dpokit.modeling import reference_mode
 
     ref_forward = reference_mode(cfg) != "none" and not cfg.reference.precompute
     return {

@@ -15,10 +15,11 @@ import pytest
 
 from dpokit.cli import main
 from dpokit.errors import DataError
+from tests.conftest import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
 BAD = REPO / "tests" / "fixtures" / "bad"
-TINY_YAML = REPO / "configs" / "tiny.yaml"
+TINY_YAML = PRESETS / "tiny.yaml"
 GOOD = {"prompt": "What colour is the sky?", "chosen": "Blue on a clear day.", "rejected": "Green, always."}
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dpokit import report
-from dpokit.demo import DemoResult, DemoSettings, StageResult, build_config, win_rate
+from dpokit.apps import report
+from dpokit.apps.demo import DemoResult, DemoSettings, StageResult, build_config, win_rate
+from tests.conftest import PRESETS, REVIEWS
 
 REPO = Path(__file__).resolve().parents[2]
 JUDGES = ["vader", "textblob"]
@@ -38,7 +39,7 @@ def synthetic_result(n: int = 5) -> DemoResult:
         )  # fmt: skip
 
     settings = {**vars(DemoSettings()), "examples": 3}
-    cfg = build_config(DemoSettings(config=str(REPO / "configs" / "demo.yaml")), Path("runs/x")).to_dict()
+    cfg = build_config(DemoSettings(config=str(PRESETS / "demo.yaml")), Path("runs/x")).to_dict()
     return DemoResult(
         stages=[stage("base", 0, 0.0, 0.0, None), stage("mid", 20, 0.2, 3.5, 0.7), stage("final", 40, 0.3, 9.0, 0.8)],
         prompts=prompts, settings=settings, config=cfg, train_pairs=400, eval_pairs=100, steps=40,
@@ -100,7 +101,7 @@ def test_example_indices_include_a_loss() -> None:
 
 
 def test_build_config_adds_midpoint_checkpoint(tmp_path: Path) -> None:
-    cfg = build_config(DemoSettings(config=str(REPO / "configs" / "demo.yaml"), overrides=["train.max_steps=10"]), tmp_path)
+    cfg = build_config(DemoSettings(config=str(PRESETS / "demo.yaml"), overrides=["train.max_steps=10"]), tmp_path)
     assert cfg.train.save_every == 5 and cfg.train.eval_every == 5 and cfg.train.keep_checkpoints >= 2
     assert cfg.train.output_dir == str(tmp_path / "model") and cfg.lora.enabled
 
@@ -134,16 +135,16 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
     pytest.importorskip("textblob")
     pytest.importorskip("matplotlib")
     from dpokit.cli import main
-    from dpokit.pairs import read_prompts
+    from dpokit.data.files import read_prompts
 
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
-    review = read_prompts(REPO / "data" / "reviews" / "train_prompts.jsonl")[:16]
+    review = read_prompts(REVIEWS / "train_prompts.jsonl")[:16]
     train = _write_pairs(tmp_path / "pairs.jsonl", review)
-    held = _write_pairs(tmp_path / "eval_pairs.jsonl", read_prompts(REPO / "data" / "reviews" / "eval_prompts.jsonl")[:12])
+    held = _write_pairs(tmp_path / "eval_pairs.jsonl", read_prompts(REVIEWS / "eval_prompts.jsonl")[:12])
     out = tmp_path / "run"
     code = main([
-        "demo", "--quick", "--out", str(out), "--config", str(REPO / "configs" / "demo.yaml"),
-        "--eval-prompts", str(REPO / "data" / "reviews" / "eval_prompts.jsonl"),
+        "demo", "--quick", "--out", str(out), "--config", str(PRESETS / "demo.yaml"),
+        "--eval-prompts", str(REVIEWS / "eval_prompts.jsonl"),
         "model.name_or_path=tiny-random-llama", f"data.train_files=[{train}]", f"data.eval_files=[{held}]",
         "train.progress_bar=false",
     ])  # fmt: skip
@@ -166,10 +167,10 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
     # LoRA weights, and the demo's two loading paths must put exactly those into the model.
     import torch
 
-    from dpokit import checkpoint as ckpt
-    from dpokit.demo import _load_lora_model, _load_stage_weights
+    from dpokit.apps.demo import _load_lora_model, _load_stage_weights
+    from dpokit.train import checkpoint as ckpt
 
-    cfg = build_config(DemoSettings(config=str(REPO / "configs" / "demo.yaml"), quick=True,
+    cfg = build_config(DemoSettings(config=str(PRESETS / "demo.yaml"), quick=True,
                                     overrides=["model.name_or_path=tiny-random-llama", "train.max_steps=4"]), out)  # fmt: skip
     model, _ = _load_lora_model("tiny-random-llama", cfg)
     saved = ckpt.load_checkpoint(out / "model" / "checkpoints" / ckpt.folder_name(4)).weights

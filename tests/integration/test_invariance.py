@@ -12,19 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit import data, metrics, modeling
 from dpokit.cli import main
-from dpokit.collate import PreferenceCollator
 from dpokit.config import Config
-from dpokit.trainer import accumulate_gradients
-from tests.conftest import TOY
+from dpokit.data import pairs as data
+from dpokit.data.collate import PreferenceCollator
+from dpokit.dist import make_accelerator
+from dpokit.models.forward import concatenated_logps
+from dpokit.models.loading import load_policy
+from dpokit.models.reference import build_reference
+from dpokit.objectives.base import MetricAccumulator
+from dpokit.objectives.dpo import PAIR_KEYS, DPOObjective, reference_mode
+from dpokit.train.loop import accumulate_gradients
+from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _setup(model_dir: Path, *overrides: str):
-    cfg = Config.from_yaml(REPO / "configs" / "tiny.yaml").override([f"model.name_or_path={model_dir}", *overrides])
-    policy, tok = modeling.load_policy(cfg, torch.float32)
+    cfg = Config.from_yaml(PRESETS / "tiny.yaml").override([f"model.name_or_path={model_dir}", *overrides])
+    policy, tok = load_policy(cfg, torch.float32)
     pairs, _ = data.load_pairs([str(TOY / "train.jsonl")], tok, cfg.data)
     return cfg, policy, tok, pairs
 
@@ -34,25 +40,25 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir: Path) -> None:
-    from dpokit.trainer import _accelerator
-
     cfg, policy, tok, pairs = _setup(tiny_model_dir)
-    ref = modeling.build_reference(cfg, policy, torch.float32)
+    objective = DPOObjective(cfg)
+    objective.lm_head_chunk = 1024
+    objective.set_reference(build_reference(cfg, policy, torch.float32, reference_mode(cfg)))
     policy.train()
     collate = PreferenceCollator(tok.pad_token_id, pad_to_multiple_of=8)
-    acc = _accelerator("no", cpu=True)  # fp32, whatever precision an earlier test's run used
+    acc = make_accelerator("no", cpu=True)  # fp32, whatever precision an earlier test's run used
     chosen = pairs[:4]
     results = []
     for layout in ([chosen], [[p] for p in chosen]):  # 4 x 1 vs 1 x 4
         policy.zero_grad(set_to_none=True)
-        running = metrics.MetricAccumulator()
-        accumulate_gradients(acc, policy, ref, [collate(b) for b in layout], cfg, 1024, running)
-        results.append((_grads(policy), running.compute()))
+        running = MetricAccumulator()
+        accumulate_gradients(acc, policy, objective, [collate(b) for b in layout], running)
+        results.append((_grads(policy), running.compute(PAIR_KEYS)))
     (g1, m1), (g2, m2) = results
     assert g1.keys() == g2.keys() and len(g1) > 0
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-4, msg=name)
-    for key in metrics.PAIR_KEYS:
+    for key in PAIR_KEYS:
         assert m1[key] == pytest.approx(m2[key], abs=1e-5), key
 
 
@@ -60,7 +66,7 @@ def test_accumulation_invariance_through_the_cli(tiny_model_dir: Path, tmp_path:
     rows = {}
     for name, mbs, accum in (("a", 4, 1), ("b", 1, 4)):
         out = tmp_path / name
-        code = main(["train", str(REPO / "configs" / "tiny.yaml"), f"model.name_or_path={tiny_model_dir}",
+        code = main(["train", str(PRESETS / "tiny.yaml"), f"model.name_or_path={tiny_model_dir}",
                      f"train.output_dir={out}", f"data.train_files=[{TOY / 'train.jsonl'}]", "data.eval_files=[]",
                      "train.max_steps=3", "train.log_every=1", f"train.micro_batch_size={mbs}",
                      f"train.grad_accum_steps={accum}", "train.progress_bar=false", "train.lr=1e-4"])
@@ -73,8 +79,8 @@ def test_accumulation_invariance_through_the_cli(tiny_model_dir: Path, tmp_path:
 
 def test_adapter_reference_equals_frozen_copy(tiny_model_dir: Path) -> None:
     cfg, policy, tok, pairs = _setup(tiny_model_dir, "lora.enabled=true", "lora.r=4")
-    copy_ref = modeling.build_reference(cfg.override(["reference.mode=copy"]), policy, torch.float32)
-    adapter_ref = modeling.build_reference(cfg.override(["reference.mode=adapter"]), policy, torch.float32)
+    copy_ref = build_reference(cfg, policy, torch.float32, "copy")
+    adapter_ref = build_reference(cfg, policy, torch.float32, "adapter")
     assert copy_ref.mode == "copy" and adapter_ref.mode == "adapter"
     with torch.no_grad():  # "train" the adapter: make lora_B non-zero so the policy differs from its base
         for name, p in policy.named_parameters():
@@ -85,13 +91,13 @@ def test_adapter_reference_equals_frozen_copy(tiny_model_dir: Path) -> None:
     a_chosen, a_rejected = adapter_ref.logps(batch)
     torch.testing.assert_close(a_chosen, c_chosen, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a_rejected, c_rejected, atol=1e-5, rtol=1e-5)
-    pol = modeling.concatenated_logps(policy, batch)
+    pol = concatenated_logps(policy, batch)
     assert not torch.allclose(pol.chosen_logps, c_chosen, atol=1e-3)  # the adapter is really on for the policy
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_lm_head_equals_full_logits_path(tmp_path: Path, tied: bool) -> None:
-    from dpokit.tiny import build_tiny_llama
+    from dpokit.models.tiny import build_tiny_llama
 
     model_dir = build_tiny_llama(tmp_path / "m", seed=3, tie_word_embeddings=tied)
     cfg, policy, tok, pairs = _setup(model_dir)
@@ -99,7 +105,7 @@ def test_chunked_lm_head_equals_full_logits_path(tmp_path: Path, tied: bool) -> 
     outs = []
     for chunk in (0, 7):  # 0 = full logits + sequence_logps; 7 = decoder + chunked head
         model = copy.deepcopy(policy)
-        res = modeling.concatenated_logps(model, batch, lm_head_chunk=chunk)
+        res = concatenated_logps(model, batch, lm_head_chunk=chunk)
         (res.chosen_logps.sum() - 2 * res.rejected_logps.sum()).backward()
         outs.append((res, _grads(model)))
     (r0, g0), (r1, g1) = outs

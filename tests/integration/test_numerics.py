@@ -10,19 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit import metrics as M
-from dpokit import trainer
-from dpokit.checkpoint import CHECKPOINTS, WEIGHTS, folder_name
 from dpokit.config import Config
 from dpokit.errors import DpokitError
-from tests.conftest import TOY
+from dpokit.objectives import dpo
+from dpokit.objectives.dpo import DPOObjective
+from dpokit.train import loop as trainer
+from dpokit.train.checkpoint import CHECKPOINTS, WEIGHTS, folder_name
+from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
 NAN = float("nan")
 
 
 def _cfg(model_dir: Path, out: Path, *overrides: str) -> Config:
-    return Config.from_yaml(REPO / "configs" / "tiny.yaml").override([
+    return Config.from_yaml(PRESETS / "tiny.yaml").override([
         f"model.name_or_path={model_dir}", f"train.output_dir={out}", f"data.train_files=[{TOY / 'train.jsonl'}]",
         "data.eval_files=[]", "train.progress_bar=false", "train.log_every=1", *overrides])
 
@@ -30,9 +31,9 @@ def _cfg(model_dir: Path, out: Path, *overrides: str) -> Config:
 def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int], nan_grad: set[int] = frozenset()) -> None:
     """Make the loss (as a NaN forward would: loss and per-pair values) or only the gradient
     non-finite at the given training steps (one micro-batch per step)."""
-    real, calls = trainer.batch_loss, [0]
+    real, calls = DPOObjective.batch_values, [0]
 
-    def batch_loss(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_values(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         loss, values = real(*args, **kwargs)
         if not torch.is_grad_enabled():  # the reference and evaluation run without gradients
             return loss, values
@@ -43,7 +44,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, nan_loss: set[int], nan_grad: set[i
             loss.register_hook(lambda g: g * NAN)  # the value stays finite, every gradient is NaN
         return loss, values
 
-    monkeypatch.setattr(trainer, "batch_loss", batch_loss)
+    monkeypatch.setattr(DPOObjective, "batch_values", batch_values)
 
 
 def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -99,7 +100,7 @@ def test_displacement_warning_goes_to_console_and_metrics(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "warn"
-    monkeypatch.setattr(M, "likelihood_displacement", lambda history: "displaced!" if len(history) >= 2 else None)
+    monkeypatch.setattr(dpo, "likelihood_displacement", lambda history: "displaced!" if len(history) >= 2 else None)
     trainer.train(_cfg(tiny_model_dir, out, "train.max_steps=4"))
     warned = [r for r in _rows(out) if "warnings" in r]
     assert warned == [{"step": 2, "warnings": ["displaced!"]}]  # once per run
@@ -112,36 +113,43 @@ def _history(chosen: list[float], margins: list[float]) -> list[dict[str, float]
 
 def test_likelihood_displacement_detector() -> None:
     falling, rising = [-50.0, -51.5, -52.0, -54.0, -55.0, -57.0], [0.1, 0.3, 0.4, 0.6, 0.9, 1.2]
-    msg = M.likelihood_displacement(_history(falling, rising))
+    msg = dpo.likelihood_displacement(_history(falling, rising))
     assert msg is not None and "logps/chosen fell from -51.50 to -57.00" in msg
     assert "rewards/margins rose" in msg and "loss.nll_weight" in msg
     # one noisy uptick out of four intervals is still "steady"
-    assert M.likelihood_displacement(_history([-50, -52, -51.5, -53, -55], rising[:5])) is not None
-    assert M.likelihood_displacement(_history([-50, -49, -48, -47, -46], rising[:5])) is None  # chosen rises
-    assert M.likelihood_displacement(_history(falling[:5], [1.0, 0.9, 0.8, 0.7, 0.6])) is None  # margins fall
-    assert M.likelihood_displacement(_history([-50, -52, -50, -52, -51], rising[:5])) is None  # noise
-    assert M.likelihood_displacement(_history([-50.0, -50.1, -50.2, -50.3, -50.4], rising[:5])) is None  # tiny drop
-    assert M.likelihood_displacement(_history(falling[:4], rising[:4])) is None  # too few rows yet
+    assert dpo.likelihood_displacement(_history([-50, -52, -51.5, -53, -55], rising[:5])) is not None
+    assert dpo.likelihood_displacement(_history([-50, -49, -48, -47, -46], rising[:5])) is None  # chosen rises
+    assert dpo.likelihood_displacement(_history(falling[:5], [1.0, 0.9, 0.8, 0.7, 0.6])) is None  # margins fall
+    assert dpo.likelihood_displacement(_history([-50, -52, -50, -52, -51], rising[:5])) is None  # noise
+    assert dpo.likelihood_displacement(_history([-50.0, -50.1, -50.2, -50.3, -50.4], rising[:5])) is None  # tiny drop
+    assert dpo.likelihood_displacement(_history(falling[:4], rising[:4])) is None  # too few rows yet
     eval_rows = [{"step": 1, "eval/loss": 0.5}, {"step": 2, "warnings": ["x"]}]  # other rows are ignored
-    assert M.likelihood_displacement(eval_rows + _history(falling, rising)) == msg
+    assert dpo.likelihood_displacement(eval_rows + _history(falling, rising)) == msg
 
 
 def test_logps_and_loss_are_float32_under_bf16_autocast(tiny_model_dir: Path) -> None:
-    from dpokit import data, modeling
-    from dpokit.collate import PreferenceCollator
+    from dpokit.data import pairs as data
+    from dpokit.data.collate import PreferenceCollator
+    from dpokit.models.forward import concatenated_logps
+    from dpokit.models.loading import load_policy
+    from dpokit.models.reference import build_reference
+    from dpokit.objectives.dpo import reference_mode
 
     cfg = _cfg(tiny_model_dir, Path("unused"))
-    policy, tok = modeling.load_policy(cfg, torch.float32)
-    reference = modeling.build_reference(cfg, policy, torch.float32)
+    policy, tok = load_policy(cfg, torch.float32)
+    reference = build_reference(cfg, policy, torch.float32, reference_mode(cfg))
     pairs, _ = data.load_pairs([str(TOY / "train.jsonl")], tok, cfg.data)
     batch = PreferenceCollator(pad_token_id=tok.pad_token_id)(pairs[:4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert policy(input_ids=batch["input_ids"]).logits.dtype == torch.bfloat16  # autocast is really on
         for chunk in (1024, 0):  # chunked LM head and full-logits paths
-            out = modeling.concatenated_logps(policy, batch, chunk)
+            out = concatenated_logps(policy, batch, chunk)
             assert out.chosen_logps.dtype == out.rejected_logps.dtype == torch.float32
         ref_chosen, ref_rejected = reference.logps(batch)
-        loss, values = trainer.batch_loss(policy, reference, batch, cfg, 1024)
+        objective = DPOObjective(cfg)
+        objective.lm_head_chunk = 1024
+        objective.set_reference(reference)
+        loss, values = objective.batch_values(policy, batch, "train")
     assert ref_chosen.dtype == ref_rejected.dtype == torch.float32
     assert loss.dtype == values.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()  # and the backward through the bf16 model works

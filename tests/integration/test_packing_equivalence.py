@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit import data, modeling
 from dpokit.cli import main
-from dpokit.collate import PreferenceCollator
 from dpokit.config import Config
-from dpokit.packing import PackedCollator, block_causal_mask
-from tests.conftest import TOY
+from dpokit.data import pairs as data
+from dpokit.data.collate import PreferenceCollator
+from dpokit.data.packing import PackedCollator, block_causal_mask
+from dpokit.models.forward import concatenated_logps
+from dpokit.models.loading import load_policy
+from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,11 +36,11 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir: Path):  # noqa: ANN201
     """(cfg, tokenizer, pairs, {attn_implementation: policy}); the models are deep-copied per test."""
-    cfg = Config.from_yaml(REPO / "configs" / "tiny.yaml").override([f"model.name_or_path={tiny_model_dir}"])
+    cfg = Config.from_yaml(PRESETS / "tiny.yaml").override([f"model.name_or_path={tiny_model_dir}"])
     models = {}
-    for impl in ("sdpa", "eager", "varlen"):  # varlen: dpokit/varlen.py (its slow CPU path here)
+    for impl in ("sdpa", "eager", "varlen"):  # varlen: dpokit/models/varlen.py (its slow CPU path here)
         over = [f"model.attn_implementation={impl}", "data.packing=true"]
-        models[impl], tok = modeling.load_policy(cfg.override(over), torch.float32)
+        models[impl], tok = load_policy(cfg.override(over), torch.float32)
     pairs, _ = data.load_pairs([str(TOY / "train.jsonl")], tok, cfg.data)
     # pairs 0-5, plus 3 with a longer prompt (their own, twice) so prompts dominate some pairs
     longer = [dataclasses.replace(p, prompt_ids=p.prompt_ids * 2) for p in pairs[6:9]]
@@ -51,7 +53,7 @@ def _run(model: torch.nn.Module, batch: dict, lm_head_chunk: int):  # noqa: ANN2
     # as in a reference loaded with from_pretrained: with a KV cache transformers would skip its
     # packed-sequence detection, so the packed path must switch the cache off itself
     model.config.use_cache = True
-    res = modeling.concatenated_logps(model, batch, lm_head_chunk=lm_head_chunk)
+    res = concatenated_logps(model, batch, lm_head_chunk=lm_head_chunk)
     # a DPO-like loss that weights every sequence differently, so a swapped sequence would show
     w = torch.linspace(0.5, 1.5, res.chosen_logps.numel())
     loss = -torch.nn.functional.logsigmoid(0.1 * w * (res.chosen_logps - res.rejected_logps)).sum() - 0.01 * res.rejected_logps.sum()
@@ -114,7 +116,7 @@ def test_cli_training_reproduces_the_padded_run(tiny_model_dir: Path, tmp_path: 
                         ("prefix", ["data.packing=true", "data.prefix_sharing=true"]),
                         ("varlen", ["data.packing=true", "data.prefix_sharing=true", "model.attn_implementation=varlen"])):
         out = tmp_path / name
-        code = main(["train", str(REPO / "configs" / "tiny.yaml"), f"model.name_or_path={tiny_model_dir}",
+        code = main(["train", str(PRESETS / "tiny.yaml"), f"model.name_or_path={tiny_model_dir}",
                      f"train.output_dir={out}", f"data.train_files=[{TOY / 'train.jsonl'}]", "data.eval_files=[]",
                      "train.max_steps=3", "train.log_every=1", "train.progress_bar=false", "train.lr=1e-3", *extra])
         assert code == 0
@@ -135,7 +137,7 @@ def test_cli_training_reproduces_the_padded_run(tiny_model_dir: Path, tmp_path: 
 def test_padded_path_drops_the_padding_mask_exactly(loaded, impl: str) -> None:  # noqa: ANN001
     """concatenated_logps runs right-padded rows without their padding mask (so SDPA can use its fused
     causal kernel); log-probs and gradients equal a plain masked forward + log_softmax + gather."""
-    from dpokit.logps import naive_sequence_logps
+    from dpokit.models.logps import naive_sequence_logps
 
     _, tok, pairs, models = loaded
     batch = PreferenceCollator(tok.pad_token_id, pad_to_multiple_of=8)(pairs)

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit import prompts as review_prompts
+from dpokit.apps import prompts as review_prompts
+from dpokit.apps.pairs import add_pairs_arguments, build_pairs, pairs_command, select_pair
+from dpokit.data.files import read_prompts
 from dpokit.errors import DataError, DpokitError
-from dpokit.generation import render_prompt, sample_responses
-from dpokit.pairs import add_pairs_arguments, build_pairs, pairs_command, read_prompts, select_pair
+from dpokit.eval.sampling import render_prompt, sample_responses
+from tests.conftest import REVIEWS
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
@@ -109,7 +111,7 @@ def test_render_prompt_uses_chat_template(tiny_lm):
 
 
 def test_build_pairs_with_vader(tiny_lm):
-    from dpokit.judges import get_judge
+    from dpokit.eval.judges import get_judge
 
     model, tok = tiny_lm
     rows, stats = build_pairs(model, tok, PROMPTS, "vader", n_samples=4, min_gap=0.1, max_new_tokens=12, seed=0)
@@ -202,7 +204,7 @@ def test_make_prompts_distinct_and_deterministic():
 
 def test_shipped_prompt_files_are_reproducible(tmp_path):
     train_path, eval_path = review_prompts.write_prompt_files(tmp_path, seed=0)
-    shipped = REPO / "data" / "reviews"
+    shipped = REVIEWS
     assert train_path.read_bytes() == (shipped / "train_prompts.jsonl").read_bytes()
     assert eval_path.read_bytes() == (shipped / "eval_prompts.jsonl").read_bytes()
     train, held_out = read_prompts(train_path), read_prompts(eval_path)

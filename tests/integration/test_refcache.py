@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from dpokit import modeling, refcache
 from dpokit.cli import main
-from tests.conftest import TOY
+from dpokit.models import refcache
+from dpokit.models import reference as references
+from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
 COMPARED = ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss", "eval/rewards/margins")
 
 
 def _train(model_dir: Path, out: Path, cache: Path, *overrides: str) -> list[dict]:
-    code = main(["train", str(REPO / "configs" / "tiny.yaml"), f"model.name_or_path={model_dir}",
+    code = main(["train", str(PRESETS / "tiny.yaml"), f"model.name_or_path={model_dir}",
                  f"train.output_dir={out}", f"data.train_files=[{TOY / 'train.jsonl'}]",
                  f"data.eval_files=[{TOY / 'eval.jsonl'}]", "train.progress_bar=false", "train.max_steps=8",
                  "train.log_every=1", "train.eval_every=4", f"reference.cache_dir={cache}", *overrides])
@@ -50,7 +51,7 @@ def test_precomputed_reference_trains_identically_and_is_reused(
     live = _train(tiny_model_dir, tmp_path / "live", cache, *extra)
     assert not cache.exists()  # precompute=false touches no cache
     with monkeypatch.context() as m:  # precompute never builds a frozen copy: it uses the policy itself
-        _forbid(m, modeling, "build_reference")
+        _forbid(m, references, "build_reference")
         first = _train(tiny_model_dir, tmp_path / "pre1", cache, "reference.precompute=true", *extra)
     out = capsys.readouterr().out
     assert "reference log-probs [train]: cache miss, computed, 400 pairs" in out
@@ -58,7 +59,7 @@ def test_precomputed_reference_trains_identically_and_is_reused(
     assert len(list(cache.glob("*.safetensors"))) == 2  # one table per split
     _assert_same(live, first)
     with monkeypatch.context() as m:  # the second run: no reference forward at all
-        _forbid(m, modeling, "build_reference")
+        _forbid(m, references, "build_reference")
         _forbid(m, refcache, "compute_table")
         second = _train(tiny_model_dir, tmp_path / "pre2", cache, "reference.precompute=true", *extra)
     out = capsys.readouterr().out
@@ -82,7 +83,7 @@ def test_changed_settings_miss_and_evaluate_reuses_the_eval_table(
     with monkeypatch.context() as m:
         _forbid(m, refcache, "compute_table")
         code = main(["evaluate", "--model", str(tiny_model_dir), "--ref", str(tiny_model_dir),
-                     "--data", str(TOY / "eval.jsonl"), "--config", str(REPO / "configs" / "tiny.yaml"), "--json",
+                     "--data", str(TOY / "eval.jsonl"), "--config", str(PRESETS / "tiny.yaml"), "--json",
                      f"reference.cache_dir={cache}"])
     assert code == 0
     captured = capsys.readouterr()

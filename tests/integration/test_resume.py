@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit.checkpoint import CHECKPOINTS, WEIGHTS, list_checkpoints
 from dpokit.cli import main
-from tests.conftest import TOY
+from dpokit.train.checkpoint import CHECKPOINTS, WEIGHTS, list_checkpoints
+from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -35,7 +35,7 @@ STEPS = 20
 
 def _args(model_dir: Path, out: Path, *overrides: str) -> list[str]:
     # log_every=3 leaves metric sums half-accumulated in most checkpoints; eval_every=7 adds eval rows
-    return ["train", str(REPO / "configs" / "tiny.yaml"), f"model.name_or_path={model_dir}", f"train.output_dir={out}",
+    return ["train", str(PRESETS / "tiny.yaml"), f"model.name_or_path={model_dir}", f"train.output_dir={out}",
             f"data.train_files=[{TOY / 'train.jsonl'}]", f"data.eval_files=[{TOY / 'eval.jsonl'}]",
             f"train.max_steps={STEPS}", "train.log_every=3", "train.eval_every=7", "train.save_every=1",
             "train.progress_bar=false", *overrides]
@@ -178,7 +178,7 @@ def test_too_little_disk_for_a_checkpoint_is_refused_before_training(
 def test_unwritable_output_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")  # works as root too, unlike chmod
-    assert main(["train", str(REPO / "configs" / "tiny.yaml"), f"train.output_dir={blocker / 'run'}"]) == 2
+    assert main(["train", str(PRESETS / "tiny.yaml"), f"train.output_dir={blocker / 'run'}"]) == 2
     assert "is not writable" in capsys.readouterr().err
 
 

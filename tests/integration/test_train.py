@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.cli import main
-from tests.conftest import TOY
+from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {
@@ -25,7 +25,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _train(model_dir: Path, out: Path, *overrides: str) -> int:
-    return main(["train", str(REPO / "configs" / "tiny.yaml"), f"model.name_or_path={model_dir}",
+    return main(["train", str(PRESETS / "tiny.yaml"), f"model.name_or_path={model_dir}",
                  f"train.output_dir={out}", f"data.train_files=[{TOY / 'train.jsonl'}]",
                  f"data.eval_files=[{TOY / 'eval.jsonl'}]", "train.progress_bar=false", *overrides])
 
@@ -114,7 +114,7 @@ def test_config_command_prints_commented_yaml(capsys: pytest.CaptureFixture) -> 
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", str(REPO / "configs" / "tiny.yaml"), "train.lrr=1"]) == 2
+    assert main(["train", str(PRESETS / "tiny.yaml"), "train.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "train.lrr" in err and "Traceback" not in err
 
@@ -122,8 +122,8 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.Cap
 def test_second_run_in_process_may_change_precision() -> None:
     """A notebook that trains in fp32 and then with bf16 autocast must not hit Accelerate's
     'AcceleratorState has already been initialized' error."""
-    from dpokit.trainer import _accelerator
+    from dpokit.dist import make_accelerator
 
-    assert _accelerator("no").mixed_precision == "no"
-    assert _accelerator("bf16").mixed_precision == "bf16"
-    assert _accelerator("no").mixed_precision == "no"
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"

@@ -45,8 +45,8 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-N_STANDARD = 48  # pairs of data/toy/eval.jsonl used; TRL_BATCH must divide it (see module docstring)
-TRL_BATCH = {"standard": 16, "chat": 10}  # data/toy/chat.jsonl has 20 pairs
+N_STANDARD = 48  # pairs of builtin:toy/eval.jsonl used; TRL_BATCH must divide it (see module docstring)
+TRL_BATCH = {"standard": 16, "chat": 10}  # builtin:toy/chat.jsonl has 20 pairs
 DPOKIT_BATCH = 8  # deliberately different: dpokit averages over pairs, so batching must not matter
 TRUNC_MAX_LENGTH = 14  # toy prompts are 6-10 tokens and responses 5-12, so most responses get cut
 
@@ -276,9 +276,9 @@ def test_batches_match_trl_token_for_token(
     """
     from transformers import AutoTokenizer
 
-    from dpokit import data
-    from dpokit.collate import PreferenceCollator
     from dpokit.config import DataConfig
+    from dpokit.data import pairs as data
+    from dpokit.data.collate import PreferenceCollator
 
     rows = _read_rows(data_files[kind])
     trainer = _trl_trainer(models, rows, tmp_path / "trl", "sigmoid", 0.1, 0.0, TRL_BATCH[kind], max_length)
@@ -309,8 +309,8 @@ def test_prompt_longer_than_max_length_is_a_documented_difference(
     """
     from transformers import AutoTokenizer
 
-    from dpokit import data
     from dpokit.config import DataConfig
+    from dpokit.data import pairs as data
 
     max_length = 8  # toy prompts are 6-10 tokens
     rows = _read_rows(data_files["standard"])

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import dpokit
-from dpokit.data import load_pairs
+from dpokit.data.pairs import load_pairs
 from dpokit.errors import DataError, ModelError
 
 BAD = Path(__file__).resolve().parents[1] / "fixtures" / "bad"
@@ -207,7 +207,8 @@ def test_bom_and_crlf_load_like_plain_lf(tok: Any, tmp_path: Path) -> None:
 
 
 def test_csv_with_embedded_newlines_loads(tok: Any) -> None:
-    from dpokit.data import normalize_row, read_rows
+    from dpokit.data.files import read_rows
+    from dpokit.data.pairs import normalize_row
 
     path = BAD / "embedded_newlines.csv"
     rows = [normalize_row(row, path, n) for n, row in read_rows(path)]
@@ -237,7 +238,7 @@ def test_ten_megabyte_row_is_truncated_quickly(tok: Any, tmp_path: Path) -> None
 
 def test_precut_gives_the_same_tokens_as_full_tokenization(tok: Any) -> None:
     """Cutting a long text before tokenizing must not change the tokens that truncation keeps."""
-    from dpokit.data import RawPair, tokenize_pair
+    from dpokit.data.pairs import RawPair, tokenize_pair
 
     text = "".join(f"w{i % 97}{'é' if i % 7 == 0 else ''}{'  ' if i % 5 == 0 else ' '}" for i in range(6_000))
     for mode in ("keep_end", "keep_start"):
@@ -405,7 +406,7 @@ def edited_copy(src: Path, dst: Path, drop: tuple[str, ...] = (), chat_template:
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from dpokit.sources import load_tokenizer
+    from dpokit.models.sources import load_tokenizer
 
     tokenizer = load_tokenizer(edited_copy(tiny_model_dir, tmp_path / "m", ("pad_token",)))
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
@@ -414,7 +415,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny_model_dir: Path, tmp_pat
 
 
 def test_tokenizer_without_pad_or_eos_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from dpokit.sources import load_tokenizer
+    from dpokit.models.sources import load_tokenizer
 
     with pytest.raises(ModelError, match="has neither a pad token nor an EOS token"):
         load_tokenizer(edited_copy(tiny_model_dir, tmp_path / "m", ("pad_token", "eos_token")))

@@ -1,4 +1,4 @@
-"""dpokit.checkpoint on a small module: exact round trip, atomic publish, pruning, and refusal of
+"""dpokit.train.checkpoint on a small module: exact round trip, atomic publish, pruning, and refusal of
 missing, truncated, inconsistent or pickled files (with a fall-back to the previous checkpoint)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpokit import checkpoint as C
 from dpokit.errors import DpokitError
+from dpokit.train import checkpoint as C
 
 
 def _objects(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

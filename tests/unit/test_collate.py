@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpokit.collate import PreferenceCollator, TokenizedPair
+from dpokit.data.collate import PreferenceCollator, TokenizedPair
 
 
 def _pairs() -> list[TokenizedPair]:

@@ -9,9 +9,10 @@ import yaml
 
 from dpokit.config import Config
 from dpokit.errors import ConfigError
+from tests.conftest import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+SHIPPED = sorted(PRESETS.glob("*.yaml"))
 
 
 def test_there_are_shipped_configs() -> None:

@@ -11,21 +11,14 @@ from typing import Any
 import pytest
 
 import dpokit
-from dpokit.collate import TokenizedPair
-from dpokit.data import (
-    RawPair,
-    describe_row,
-    expand_files,
-    load_pairs,
-    normalize_row,
-    read_rows,
-    split_implicit_prompt,
-    tokenize_pair,
-)
+from dpokit.data.collate import TokenizedPair
+from dpokit.data.files import describe_row, expand_files, read_rows
+from dpokit.data.pairs import RawPair, load_pairs, normalize_row, split_implicit_prompt, tokenize_pair
 from dpokit.errors import ConfigError, DataError, ModelError
+from tests.conftest import TOY
 
 TOKENIZER_DIR = Path(dpokit.__file__).parent / "assets" / "tiny_tokenizer"
-TOY_DIR = Path(__file__).resolve().parents[2] / "data" / "toy"
+TOY_DIR = TOY
 
 STANDARD = [
     {"prompt": "Describe the weather in Paris.", "chosen": "sunny and warm.", "rejected": "cold, grey ☔."},
@@ -504,8 +497,8 @@ def test_eos_is_not_doubled_when_the_text_already_ends_with_it(tmp_path) -> None
     from transformers import AutoTokenizer
 
     from dpokit.config import DataConfig
-    from dpokit.data import load_pairs
-    from dpokit.tiny import ASSET_TOKENIZER
+    from dpokit.data.pairs import load_pairs
+    from dpokit.models.tiny import ASSET_TOKENIZER
 
     tok = AutoTokenizer.from_pretrained(str(ASSET_TOKENIZER))
     f = tmp_path / "p.jsonl"

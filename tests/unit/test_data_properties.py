@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import dpokit
-from dpokit.collate import PreferenceCollator, TokenizedPair
-from dpokit.data import RawPair, load_pairs, normalize_row, read_rows, tokenize_pair, tokenize_pairs
+from dpokit.data.collate import PreferenceCollator, TokenizedPair
+from dpokit.data.files import read_rows
+from dpokit.data.pairs import RawPair, load_pairs, normalize_row, tokenize_pair, tokenize_pairs
 
 TOKENIZER_DIR = Path(dpokit.__file__).parent / "assets" / "tiny_tokenizer"
 PROPERTY = settings(

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dpokit import judges
 from dpokit.errors import DpokitError
-from dpokit.judges import JUDGES, get_judge
+from dpokit.eval import judges
+from dpokit.eval.judges import JUDGES, get_judge
 
 POSITIVE = [
     "This movie was wonderful, the acting was superb and I loved every minute.",
@@ -76,7 +76,7 @@ def test_textblob_needs_no_nltk_corpora(tmp_path):
     """Polarity must work with no NLTK data anywhere (a fresh process, NLTK_DATA pointing at nothing)."""
     code = (
         "import nltk; nltk.data.path[:] = [];"
-        "from dpokit.judges import get_judge;"
+        "from dpokit.eval.judges import get_judge;"
         "print(get_judge('textblob')(['A great film.', 'An awful film.']))"
     )
     env = {"NLTK_DATA": str(tmp_path / "none"), "PATH": "", "HOME": str(tmp_path)}

@@ -1,4 +1,4 @@
-"""Tests for dpokit.logps: a hand-computed row, and the lean paths against the naive reference."""
+"""Tests for dpokit.models.logps: a hand-computed row, and the lean paths against the naive reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpokit.logps import chunked_lm_head_logps, naive_sequence_logps, sequence_logps
+from dpokit.models.logps import chunked_lm_head_logps, naive_sequence_logps, sequence_logps
 
 LN2 = math.log(2.0)
 

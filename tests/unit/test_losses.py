@@ -1,4 +1,4 @@
-"""Tests for dpokit.losses: hand-computed values, invariants, numerical safety, and parity with TRL.
+"""Tests for dpokit.objectives.losses: hand-computed values, invariants, numerical safety, and parity with TRL.
 
 Notation: ``sp(x) = ln(1 + e^x)`` (softplus), so ``-log sigma(x) = sp(-x)``.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.errors import ConfigError
-from dpokit.losses import LOSSES, LossOutput, LossParams, compute_loss, log1mexp, register_loss
+from dpokit.objectives.losses import LOSSES, LossOutput, LossParams, compute_loss, log1mexp, register_loss
 
 LN2 = math.log(2.0)
 

@@ -1,4 +1,4 @@
-"""dpokit.packing builds exactly the layouts its docstring documents, and logps.indexed_logps scores them."""
+"""dpokit.data.packing builds exactly the layouts its docstring documents, and logps.indexed_logps scores them."""
 
 from __future__ import annotations
 
@@ -7,18 +7,12 @@ import math
 import pytest
 import torch
 
-from dpokit.collate import PreferenceCollator, TokenizedPair
 from dpokit.config import Config
+from dpokit.data.collate import PreferenceCollator, TokenizedPair
+from dpokit.data.packing import PackedCollator, balanced_rows, block_causal_mask, first_fit_decreasing
 from dpokit.errors import ConfigError
-from dpokit.logps import chunked_lm_head_logps, indexed_logps, naive_sequence_logps, sequence_logps
-from dpokit.packing import (
-    PackedCollator,
-    attention_cost_tokens,
-    balanced_rows,
-    block_causal_mask,
-    build_collator,
-    first_fit_decreasing,
-)
+from dpokit.models.layout import attention_cost_tokens, build_collator
+from dpokit.models.logps import chunked_lm_head_logps, indexed_logps, naive_sequence_logps, sequence_logps
 
 T, F = True, False
 
@@ -230,7 +224,7 @@ def _fake_model(impl: str = "sdpa", **conf: object) -> torch.nn.Module:
 def test_prefix_sharing_auto_resolution() -> None:
     """auto is on where sharing is exact and faster (CPU with a 4D mask; varlen anywhere), off on a GPU
     with SDPA, off without a model, off (and true refused) under a sliding window < max_length."""
-    from dpokit.packing import resolve_prefix_sharing
+    from dpokit.models.layout import resolve_prefix_sharing
 
     auto = Config().data
     assert auto.prefix_sharing == "auto"
@@ -256,18 +250,19 @@ def test_prefix_sharing_auto_resolution() -> None:
 
 def test_attn_implementation_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto = dpokit's varlen kernel on a CUDA GPU computing in bf16 (weights or autocast), else sdpa."""
-    from dpokit import modeling, varlen
+    from dpokit.models import varlen
+    from dpokit.models.loading import resolve_attn_implementation
 
     cfg = Config()
     assert cfg.model.attn_implementation == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert modeling.resolve_attn_implementation(cfg, torch.bfloat16) == "sdpa"
+    assert resolve_attn_implementation(cfg, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(varlen, "flash_available", lambda: True)
-    assert modeling.resolve_attn_implementation(cfg, torch.bfloat16) == "varlen"
-    assert modeling.resolve_attn_implementation(cfg, torch.float32) == "sdpa"  # flash needs half precision
+    assert resolve_attn_implementation(cfg, torch.bfloat16) == "varlen"
+    assert resolve_attn_implementation(cfg, torch.float32) == "sdpa"  # flash needs half precision
     mixed = cfg.override(["train.mixed_precision=bf16"])
-    assert modeling.resolve_attn_implementation(mixed, torch.float32) == "varlen"
-    assert modeling.resolve_attn_implementation(cfg.override(["model.attn_implementation=eager"]), torch.bfloat16) == "eager"
+    assert resolve_attn_implementation(mixed, torch.float32) == "varlen"
+    assert resolve_attn_implementation(cfg.override(["model.attn_implementation=eager"]), torch.bfloat16) == "eager"
     monkeypatch.setattr(varlen, "flash_available", lambda: False)  # torch < 2.10
-    assert modeling.resolve_attn_implementation(cfg, torch.bfloat16) == "sdpa"
+    assert resolve_attn_implementation(cfg, torch.bfloat16) == "sdpa"

@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit import data, modeling, refcache
-from dpokit.collate import PreferenceCollator
 from dpokit.config import Config
+from dpokit.data import pairs as data
+from dpokit.data.collate import PreferenceCollator
+from dpokit.dist import Dist
+from dpokit.models import refcache
+from dpokit.models.loading import load_model_and_tokenizer, load_policy
+from dpokit.models.reference import Reference, build_reference
+from dpokit.objectives.dpo import reference_mode
 from tests.conftest import TOY
 
 
@@ -18,12 +23,12 @@ def _setup(model_dir: Path, *overrides: str, max_length: int = 64, max_prompt_le
     cfg = Config().override([f"model.name_or_path={model_dir}", "model.dtype=float32",
                              f"data.max_length={max_length}", f"data.max_prompt_length={max_prompt_length}",
                              "train.eval_batch_size=5", *overrides]).validate()
-    policy, tok = modeling.load_policy(cfg, torch.float32)
+    policy, tok = load_policy(cfg, torch.float32)
     pairs, _ = data.load_pairs([TOY / "eval.jsonl"], tok, cfg.data)
     return cfg, policy, tok, pairs[:23]  # 23: the last batch of 5 is ragged
 
 
-def _live_logps(reference: modeling.Reference, pairs, collator) -> tuple[torch.Tensor, torch.Tensor]:
+def _live_logps(reference: Reference, pairs, collator) -> tuple[torch.Tensor, torch.Tensor]:
     batch = collator(pairs)
     return reference.logps(batch)
 
@@ -32,11 +37,11 @@ def _live_logps(reference: modeling.Reference, pairs, collator) -> tuple[torch.T
 def test_cached_logps_equal_live_reference(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
     extra = ["lora.enabled=true", "lora.r=4"] if lora else []
     cfg, policy, tok, pairs = _setup(tiny_model_dir, *extra, f"reference.cache_dir={tmp_path}")
-    live = modeling.build_reference(cfg, policy, torch.float32)
+    live = build_reference(cfg, policy, torch.float32, reference_mode(cfg))
     assert live.mode == ("adapter" if lora else "copy")
     collator = PreferenceCollator(tok.pad_token_id)
     refs = refcache.precompute_references(cfg, policy, tok, torch.float32, {"train": pairs, "eval": pairs[:7]},
-                                          collator, torch.device("cpu"), 1024, log=lambda m: None)
+                                          collator, Dist.local("cpu"), 1024)
     assert refs["train"].mode == "cached" and refs["train"].model is None and refs["train"].policy is None
     # look the pairs up in a different order and batch size than the pass computed them
     idx = [5, 0, 22, 13, 7, 1]
@@ -54,7 +59,7 @@ def test_adapter_base_and_plain_model_share_a_fingerprint(tiny_model_dir: Path) 
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    plain, _ = modeling.load_model_and_tokenizer(str(tiny_model_dir), cfg, torch.float32)
+    plain, _ = load_model_and_tokenizer(str(tiny_model_dir), cfg, torch.float32)
     assert refcache.weights_fingerprint(policy) == refcache.weights_fingerprint(plain)
     assert refcache.model_config_fingerprint(policy) == refcache.model_config_fingerprint(plain)
 
@@ -103,9 +108,9 @@ def test_key_covers_data_truncation_tokenizer_and_dtype(tiny_model_dir: Path) ->
 def test_cache_round_trip_hit_and_corrupt_file(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg, policy, tok, pairs = _setup(tiny_model_dir)
     collator = PreferenceCollator(tok.pad_token_id)
-    live = modeling.build_reference(cfg, policy, torch.float32)
+    live = build_reference(cfg, policy, torch.float32, reference_mode(cfg))
     spec = refcache.reference_spec(policy, tok, "no", torch.device("cpu"))
-    args = (collator, 4, torch.device("cpu"))
+    args = (collator, 4, Dist.local("cpu"))
     first = refcache.obtain_table(spec, pairs, "eval", tmp_path, live, *args)
     assert not first.hit and first.path.is_file() and first.path.parent == tmp_path
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temp file left behind
@@ -129,9 +134,9 @@ def test_cache_round_trip_hit_and_corrupt_file(tiny_model_dir: Path, tmp_path: P
 def test_cached_lookup_refuses_the_wrong_split(tiny_model_dir: Path) -> None:
     cfg, policy, tok, pairs = _setup(tiny_model_dir)
     collator = PreferenceCollator(tok.pad_token_id)
-    live = modeling.build_reference(cfg, policy, torch.float32)
-    table = refcache.compute_table(live, pairs[:10], collator, 4, torch.device("cpu"), split="eval")
-    cached = modeling.Reference("cached", table=table)
+    live = build_reference(cfg, policy, torch.float32, reference_mode(cfg))
+    table = refcache.compute_table(live, pairs[:10], collator, 4, Dist.local("cpu"), split="eval")
+    cached = Reference("cached", table=table)
     # same indices 0..3, other pairs: a train table must not answer for eval pairs
     others = [data.TokenizedPair(p.prompt_ids + [5], p.chosen_ids, p.rejected_ids, i) for i, p in enumerate(pairs[10:14])]
     with pytest.raises(RuntimeError, match="do not match"):
@@ -152,9 +157,9 @@ def test_unwritable_cache_dir_warns_and_keeps_the_numbers(tiny_model_dir: Path, 
     cfg, policy, tok, pairs = _setup(tiny_model_dir)
     blocker = tmp_path / "file"
     blocker.write_text("x")  # a file where the cache folder should be
-    live = modeling.build_reference(cfg, policy, torch.float32)
+    live = build_reference(cfg, policy, torch.float32, reference_mode(cfg))
     spec = refcache.reference_spec(policy, tok, "no", torch.device("cpu"))
     with pytest.warns(refcache.RefCacheWarning, match="could not write"):
         res = refcache.obtain_table(spec, pairs[:4], "train", blocker / "sub", live,
-                                    PreferenceCollator(tok.pad_token_id), 4, torch.device("cpu"))
+                                    PreferenceCollator(tok.pad_token_id), 4, Dist.local("cpu"))
     assert res.table is not None and len(res.table) == 4

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpokit import sources
 from dpokit.errors import ModelError
-from dpokit.sources import ModelSource, resolve_source
+from dpokit.models import sources
+from dpokit.models.sources import ModelSource, resolve_source
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""PairStream with length grouping: deterministic, every pair once per epoch, less padding than
+"""ExampleStream (the training data order) over pairs, with length grouping: deterministic, every pair once per epoch, less padding than
 random batches, resumable from the one-integer position, and invariant to how a step is split."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from dpokit.collate import TokenizedPair
-from dpokit.trainer import PairStream
+from dpokit.data.collate import TokenizedPair
+from dpokit.data.stream import ExampleStream
+from dpokit.objectives.dpo import pair_length
 from tests.conftest import TOY
 
 
@@ -27,16 +28,21 @@ def _synthetic(n: int = 1000, seed: int = 0) -> list[TokenizedPair]:
 def _toy() -> list[TokenizedPair]:
     from transformers import AutoTokenizer
 
-    from dpokit import data
     from dpokit.config import DataConfig
-    from dpokit.tiny import ASSET_TOKENIZER
+    from dpokit.data import pairs as data
+    from dpokit.models.tiny import ASSET_TOKENIZER
 
     tok = AutoTokenizer.from_pretrained(str(ASSET_TOKENIZER))
     pairs, _ = data.load_pairs([TOY / "train.jsonl"], tok, DataConfig())
     return pairs
 
 
-def _take(stream: PairStream, n: int) -> list[list[int]]:
+def _stream(pairs: list[TokenizedPair], *args: object, **kwargs: object) -> ExampleStream:
+    """The stream the training loop builds for DPO: pairs ordered by their padded length."""
+    return ExampleStream(pairs, [pair_length(p) for p in pairs], *args, **kwargs)
+
+
+def _take(stream: ExampleStream, n: int) -> list[list[int]]:
     return [[p.index for p in mb] for mb in itertools.islice(iter(stream), n)]
 
 
@@ -54,15 +60,15 @@ def test_every_pair_once_per_epoch_and_deterministic(mbs: int, world: int) -> No
     pairs = _synthetic(1003)  # not a multiple of anything: a ragged tail
     per_epoch = len(pairs) // (mbs * world)
     for accum in (1, 3):
-        ranks = [_take(PairStream(pairs, mbs, 7, world, r, group_by_length=True, grad_accum_steps=accum), 2 * per_epoch)
+        ranks = [_take(_stream(pairs, mbs, 7, world, r, group_by_length=True, grad_accum_steps=accum), 2 * per_epoch)
                  for r in range(world)]
-        again = _take(PairStream(pairs, mbs, 7, world, 0, group_by_length=True, grad_accum_steps=accum), 2 * per_epoch)
+        again = _take(_stream(pairs, mbs, 7, world, 0, group_by_length=True, grad_accum_steps=accum), 2 * per_epoch)
         assert again == ranks[0]
         for epoch in range(2):
             seen = [i for r in ranks for mb in r[epoch * per_epoch : (epoch + 1) * per_epoch] for i in mb]
             assert len(seen) == len(set(seen)) == per_epoch * mbs * world  # no pair twice, ragged tail skipped
         assert ranks[0][:per_epoch] != ranks[0][per_epoch:]  # epochs differ
-    other_seed = _take(PairStream(pairs, mbs, 8, world, 0, group_by_length=True), per_epoch)
+    other_seed = _take(_stream(pairs, mbs, 8, world, 0, group_by_length=True), per_epoch)
     assert other_seed != ranks[0][:per_epoch]
 
 
@@ -71,8 +77,8 @@ def test_grouping_reduces_padding(source: str) -> None:
     pairs = _toy() if source == "toy" else _synthetic()
     mbs = 8
     n = len(pairs) // mbs
-    grouped = _padding(pairs, _take(PairStream(pairs, mbs, 0, group_by_length=True), n))
-    plain = _padding(pairs, _take(PairStream(pairs, mbs, 0, group_by_length=False), n))
+    grouped = _padding(pairs, _take(_stream(pairs, mbs, 0, group_by_length=True), n))
+    plain = _padding(pairs, _take(_stream(pairs, mbs, 0, group_by_length=False), n))
     # the chosen/rejected length difference inside a pair is padding no grouping can remove
     assert grouped < 0.75 * plain, (grouped, plain)
     if source == "synthetic":
@@ -81,7 +87,7 @@ def test_grouping_reduces_padding(source: str) -> None:
 
 def test_grouped_batches_are_still_shuffled() -> None:
     pairs = _synthetic()
-    batches = _take(PairStream(pairs, 4, 0, group_by_length=True), len(pairs) // 4)
+    batches = _take(_stream(pairs, 4, 0, group_by_length=True), len(pairs) // 4)
     longest = [max(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) for i in mb) for mb in batches]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     # not monotone even within the first chunk of 64 steps
@@ -91,9 +97,9 @@ def test_grouped_batches_are_still_shuffled() -> None:
 @pytest.mark.parametrize("group", [True, False])
 def test_resume_from_position_gives_the_same_remaining_batches(group: bool) -> None:
     pairs = _synthetic(500)
-    full = _take(PairStream(pairs, 4, 3, group_by_length=group, grad_accum_steps=2), 400)  # > 3 epochs
+    full = _take(_stream(pairs, 4, 3, group_by_length=group, grad_accum_steps=2), 400)  # > 3 epochs
     for position in (0, 1, 77, 124, 125, 250, 333):
-        resumed = PairStream(pairs, 4, 3, group_by_length=group, grad_accum_steps=2)
+        resumed = _stream(pairs, 4, 3, group_by_length=group, grad_accum_steps=2)
         resumed.consumed = position
         assert _take(resumed, 400 - position) == full[position:], position
 
@@ -101,8 +107,8 @@ def test_resume_from_position_gives_the_same_remaining_batches(group: bool) -> N
 def test_step_contents_do_not_depend_on_how_the_step_is_split() -> None:
     """micro_batch 4 x accum 1 and micro_batch 1 x accum 4 train on the same pairs per step."""
     pairs = _synthetic(403)
-    a = _take(PairStream(pairs, 4, 1, group_by_length=True, grad_accum_steps=1), 100)
-    b = _take(PairStream(pairs, 1, 1, group_by_length=True, grad_accum_steps=4), 400)
+    a = _take(_stream(pairs, 4, 1, group_by_length=True, grad_accum_steps=1), 100)
+    b = _take(_stream(pairs, 1, 1, group_by_length=True, grad_accum_steps=4), 400)
     # (the first epoch: how much of the ragged tail is skipped depends on the micro-batch size)
     assert [i for mb in a for i in mb] == [i for mb in b for i in mb]
 
@@ -111,6 +117,6 @@ def test_without_grouping_the_order_is_the_plain_permutation() -> None:
     import torch
 
     pairs = _synthetic(40)
-    got = [i for mb in _take(PairStream(pairs, 4, 5), 10) for i in mb]
+    got = [i for mb in _take(_stream(pairs, 4, 5), 10) for i in mb]
     want = torch.randperm(40, generator=torch.Generator().manual_seed(5 * 1_000_003)).tolist()
     assert got == want  # unchanged from before grouping existed: old runs reproduce

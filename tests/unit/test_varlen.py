@@ -1,4 +1,4 @@
-"""dpokit/varlen.py: the segments the collator emits, the slow reference path against dense
+"""dpokit/models/varlen.py: the segments the collator emits, the slow reference path against dense
 masked attention, and the adapter to torch's flash varlen kernel (both of its signatures)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import inspect
 import pytest
 import torch
 
-from dpokit import varlen
-from dpokit.collate import TokenizedPair
-from dpokit.packing import PackedCollator, block_causal_mask
+from dpokit.data.collate import TokenizedPair
+from dpokit.data.packing import PackedCollator, block_causal_mask
+from dpokit.models import varlen
 
 PAIR = TokenizedPair(index=0, prompt_ids=[5, 6], chosen_ids=[7, 8], rejected_ids=[9])
 
@@ -158,10 +158,12 @@ def test_model_varlen_equals_padded_on_cuda(tiny_model_dir) -> None:  # noqa: AN
     padded SDPA path's sequence log-probs, within bf16 tolerance."""
     from pathlib import Path
 
-    from dpokit import data, modeling
-    from dpokit.collate import PreferenceCollator
     from dpokit.config import Config
-    from dpokit.packing import build_collator
+    from dpokit.data import pairs as data
+    from dpokit.data.collate import PreferenceCollator
+    from dpokit.models.forward import concatenated_logps
+    from dpokit.models.layout import build_collator
+    from dpokit.models.loading import load_policy
     from tests.conftest import TOY
 
     repo = Path(__file__).resolve().parents[2]
@@ -169,14 +171,14 @@ def test_model_varlen_equals_padded_on_cuda(tiny_model_dir) -> None:  # noqa: AN
         [f"model.name_or_path={tiny_model_dir}", "data.packing=true", "data.prefix_sharing=true"])
     results = []
     for impl in ("sdpa", "varlen"):
-        model, tok = modeling.load_policy(cfg.override([f"model.attn_implementation={impl}"]), torch.bfloat16)
+        model, tok = load_policy(cfg.override([f"model.attn_implementation={impl}"]), torch.bfloat16)
         model.cuda()
         pairs, _ = data.load_pairs([str(TOY / "train.jsonl")], tok, cfg.data)
         collate = PreferenceCollator(tok.pad_token_id) if impl == "sdpa" else build_collator(cfg.data, tok.pad_token_id, model)
         batch = {k: v.cuda() for k, v in collate(pairs[:8]).items()}
         assert ("cu_seq_q" in batch) == (impl == "varlen")
         with torch.no_grad():
-            results.append(modeling.concatenated_logps(model, batch))
+            results.append(concatenated_logps(model, batch))
     padded, fast = results
     torch.testing.assert_close(fast.chosen_logps, padded.chosen_logps, atol=0.5, rtol=2e-2)
     torch.testing.assert_close(fast.rejected_logps, padded.rejected_logps, atol=0.5, rtol=2e-2)

@@ -1,0 +1,480 @@
+"""`dpokit demo`: align SmolLM2-135M-Instruct towards positive movie reviews on a CPU, and show what changed.
+
+The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, sec. 6.1), rebuilt offline:
+
+1. train LoRA DPO on ``data/reviews/pairs.jsonl`` (pairs the model sampled itself, labelled by the
+   VADER judge) with ``configs/demo.yaml``; a LoRA checkpoint is kept at the midpoint;
+2. sample one response per held-out prompt from the base model, the midpoint and the final model
+   (same sampling settings and seed for all three) and measure, for each: the mean score of the
+   labelling judge (vader, the ground-truth reward) and of a judge that labelled nothing
+   (textblob: did the model learn sentiment or vader's quirks?), the win rate against the base
+   model's response to the same prompt, the sequence-level KL(policy || reference) estimated from
+   the samples, the mean response length, and the implicit reward's accuracy on held-out pairs;
+3. print a before/after table with example responses and write ``report.md`` and plots
+   (`dpokit.apps.report`) into the run folder.
+
+The judges never enter the loss: DPO only sees which response of a pair was preferred.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dpokit import resources
+from dpokit.config import Config
+from dpokit.errors import ConfigError, DpokitError
+
+DEFAULT_CONFIG = str(resources.preset_path("demo"))  # the shipped preset, wherever dpokit is installed
+DEFAULT_OUT = "runs/demo"
+
+
+@dataclass
+class DemoSettings:
+    """What the demo samples and measures besides training (training itself is the YAML config).
+
+    The sampling defaults match the ones the shipped pairs were built with (data/reviews/README.md),
+    so the evaluation sees the same kind of text the preferences were expressed over.
+    """
+
+    config: str = DEFAULT_CONFIG
+    out: str = DEFAULT_OUT
+    eval_prompts: str = "builtin:reviews/eval_prompts.jsonl"
+    n_prompts: int = 64  # held-out prompts sampled per model (64: win rate +- ~6 points, ~1 min each)
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 1234  # the same seed for every model, so differences are not sampling luck
+    gen_batch_size: int = 64  # sequences per generate() call: larger batches give more tokens/s on a CPU
+    judge: str = "vader"  # labelled the training pairs: the ground-truth reward
+    second_judge: str = "textblob"  # labelled nothing: a check for over-fitting the labeller
+    examples: int = 3
+    quick: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+
+# --quick: a smoke version that runs every stage, in about a minute with the real model.
+QUICK_OVERRIDES = ["train.max_steps=4", "train.micro_batch_size=2", "train.grad_accum_steps=1", "train.log_every=1",
+                   "train.warmup_steps=0"]  # fmt: skip
+QUICK_SETTINGS = {"n_prompts": 6, "max_new_tokens": 12, "examples": 2}
+QUICK_EVAL_PAIRS = 8
+
+
+@dataclass
+class Sample:
+    """One sampled response: the exact token ids the model drew, for scoring, and its text."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # generated tokens up to and including the first EOS (if it came)
+    text: str
+    finished: bool  # ended with EOS rather than at max_new_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        """Response length in tokens, EOS not counted."""
+        return len(self.response_ids) - int(self.finished)
+
+
+@dataclass
+class StageResult:
+    """Measurements of one model (base, midpoint or final) on the held-out prompts."""
+
+    name: str
+    step: int
+    scores: dict[str, float]  # judge -> mean score over the responses
+    win_rate: dict[str, float]  # judge -> share of prompts beating the base response (ties 1/2); base: 0.5
+    kl: float  # mean over samples of sum_t log pi - log ref (0 for the base model)
+    kl_sem: float  # standard error of that mean
+    mean_length: float  # tokens, EOS not counted
+    heldout_accuracy: float | None  # implicit-reward accuracy on held-out pairs (None: base, undefined)
+    heldout_margin: float | None
+    responses: list[str]
+    response_scores: dict[str, list[float]]
+
+
+@dataclass
+class DemoResult:
+    """Everything the report is written from (also saved as results.json)."""
+
+    stages: list[StageResult]
+    prompts: list[str]
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    train_pairs: int
+    eval_pairs: int
+    steps: int
+    timings: dict[str, float]
+    machine: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DemoResult:
+        stages = [StageResult(**s) for s in d["stages"]]
+        return cls(**{**d, "stages": stages})
+
+
+# ---- configuration --------------------------------------------------------------------------
+def build_config(settings: DemoSettings, out: Path) -> Config:
+    """The training config: the YAML, --quick overrides, the user's overrides, and the demo's own
+    fixed points (output folder, a midpoint checkpoint and held-out evaluation)."""
+    cfg = Config.from_yaml(settings.config)
+    if settings.quick:
+        cfg = cfg.override(QUICK_OVERRIDES)
+    if settings.overrides:
+        cfg = cfg.override(settings.overrides)
+    t = cfg.train
+    if t.max_steps < 2:
+        raise ConfigError("the demo needs train.max_steps >= 2 (it keeps a checkpoint at the midpoint)")
+    mid = t.max_steps // 2
+    cfg = cfg.override([
+        f"train.output_dir={out / 'model'}",
+        "train.overwrite=true",  # the demo folder is re-made on every run
+        "train.resume=no",
+        f"train.save_every={mid}",  # the LoRA weights at the midpoint, for the score-vs-KL curve
+        f"train.eval_every={mid}",  # held-out accuracy at the midpoint, logged to metrics.jsonl
+        f"train.keep_checkpoints={max(2, t.keep_checkpoints)}",  # the final step's checkpoint must not prune it
+    ])  # fmt: skip
+    if not cfg.lora.enabled:
+        raise ConfigError("the demo trains LoRA adapters (lora.enabled=true): its reference is the base model")
+    return cfg.validate()
+
+
+def materialize_base(name_or_path: str, log: Any = print) -> str:
+    """A plain Hugging Face folder for the model: GGUF sources are dequantized once and cached.
+
+    Dequantizing the GGUF file takes ~20 s on a CPU and the demo needs the model three times
+    (training, evaluation, and any later run), while a safetensors folder loads in about a second.
+    Other sources are returned unchanged.
+    """
+    import os
+
+    from dpokit.models import sources
+
+    source = sources.resolve_source(name_or_path)
+    if source.kind != "gguf":
+        return name_or_path
+    cache = Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "models"
+    gguf = source.location
+    stat = gguf.stat()
+    # the file's name, size and mtime: a changed GGUF gets a new folder instead of stale weights
+    target = cache / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-hf"
+    if (target / "config.json").is_file():
+        return str(target)
+    start = time.perf_counter()
+    model = sources.load_model(source)
+    tokenizer = sources.load_tokenizer(source)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{target.name}.tmp-{os.getpid()}"
+    sources.save_pretrained_clean(model, tokenizer, tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converted {name_or_path} to a safetensors folder {target} in {time.perf_counter() - start:.0f}s (once)")
+    return str(target)
+
+
+# ---- sampling and scoring -----------------------------------------------------------------
+def sample_with_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int = 64,
+) -> list[Sample]:
+    """One sample per prompt, keeping the token ids the model drew.
+
+    Same distribution as `dpokit.eval.sampling.sample_responses` (chat template, pure temperature +
+    top-p, no inherited top-k or penalties), but the KL estimate needs the exact sampled tokens:
+    re-tokenizing the decoded text can split words differently and loses where EOS came.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from dpokit.eval.sampling import _eos_ids, _left_pad, render_prompt
+
+    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    encoded = [tokenizer(text, add_special_tokens=add)["input_ids"] for text, add in rendered]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # little left-padding per batch
+    eos = _eos_ids(model, tokenizer)
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_beams=1,
+        use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
+    )  # fmt: skip
+    device = next(model.parameters()).device
+    out: list[Sample | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+                generated = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+                )
+                for row, i in enumerate(batch):
+                    new = generated[row, input_ids.shape[1] :].tolist()
+                    # pad == eos for many models: the response ends at the first EOS, whatever follows is padding
+                    end = next((k for k, t in enumerate(new) if t in eos), None)
+                    ids = new if end is None else new[: end + 1]
+                    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    out[i] = Sample(list(encoded[i]), ids, text, end is not None)
+    finally:
+        model.train(was_training)
+    return [s for s in out if s is not None]
+
+
+def sequence_logps_of_samples(model: Any, samples: Sequence[Sample], batch_size: int = 16) -> list[float]:
+    """Summed log-probs of each sample's response tokens under ``model`` (one forward per batch)."""
+    import torch
+
+    from dpokit.models.logps import sequence_logps
+
+    device = next(model.parameters()).device
+    pad = 0
+    result: list[float] = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            rows = [s.prompt_ids + s.response_ids for s in batch]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(rows), width), dtype=torch.long)
+            completion = torch.zeros((len(rows), width), dtype=torch.bool)
+            for k, (s, r) in enumerate(zip(batch, rows)):
+                ids[k, : len(r)] = torch.tensor(r)
+                attn[k, : len(r)] = 1
+                completion[k, len(s.prompt_ids) : len(r)] = True
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            logps, _ = sequence_logps(logits, ids.to(device), completion.to(device))
+            result.extend(float(v) for v in logps.cpu())
+    return result
+
+
+def kl_estimate(policy: Any, samples: Sequence[Sample]) -> tuple[float, float]:
+    """(mean, standard error) over samples of sum_t [log pi(y_t) - log ref(y_t)]: the Monte-Carlo
+    estimate of the sequence-level KL(pi || ref). ``policy`` is a PEFT model; its reference is the
+    same model with the adapters disabled."""
+    pol = sequence_logps_of_samples(policy, samples)
+    with policy.disable_adapter():
+        ref = sequence_logps_of_samples(policy, samples)
+    diffs = [p - r for p, r in zip(pol, ref)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
+
+
+def win_rate(candidate: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of prompts where the candidate's response scores higher than the baseline's; ties count 1/2."""
+    if not candidate:
+        return float("nan")
+    wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline))
+    return wins / len(candidate)
+
+
+# ---- the pipeline -------------------------------------------------------------------------
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _eval_row(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The metrics.jsonl row with held-out metrics logged at ``step`` ({} if none)."""
+    found = [r for r in rows if r.get("step") == step and "eval/rewards/accuracies" in r]
+    return found[-1] if found else {}
+
+
+def _subset_file(src: str, dst: Path, n: int) -> str:
+    lines = [line for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(dst)
+
+
+def _load_lora_model(base_dir: str, cfg: Config) -> tuple[Any, Any]:
+    """The base model wrapped with freshly initialised LoRA layers (weights are loaded per stage)."""
+    from dpokit.models.loading import apply_lora, load_model_and_tokenizer, resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    # it generates (left-padded prompts): plain SDPA with transformers' own masks, never varlen
+    cfg = cfg.override(["model.attn_implementation=sdpa"])
+    model, tokenizer = load_model_and_tokenizer(base_dir, cfg, dtype)
+    return apply_lora(model, cfg), tokenizer
+
+
+def _load_stage_weights(model: Any, model_dir: Path, step: int, final: bool) -> None:
+    """Put the LoRA weights of the midpoint checkpoint or of the final adapter into ``model``."""
+    from dpokit.train import checkpoint as ckpt
+
+    if final:
+        import peft
+        from safetensors.torch import load_file
+
+        state = load_file(str(model_dir / "adapter_model.safetensors"))
+        result = peft.set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise DpokitError(f"{model_dir}: adapter does not fit the model: {result.unexpected_keys[:3]}")
+        return
+    path = model_dir / ckpt.CHECKPOINTS / ckpt.folder_name(step)
+    ckpt.apply_weights(model, ckpt.load_checkpoint(path).weights, path)
+
+
+def measure_stage(
+    name: str,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    settings: DemoSettings,
+    base: StageResult | None,
+    heldout: dict[str, Any],
+) -> StageResult:
+    """Sample, judge and score one model. ``model`` is the PEFT model; for the base stage
+    (``base is None``) its adapters are disabled while sampling."""
+    import contextlib
+
+    from dpokit.eval.judges import get_judge
+
+    judges = [settings.judge, settings.second_judge]
+    context = model.disable_adapter() if base is None else contextlib.nullcontext()
+    with context:
+        samples = sample_with_ids(
+            model, tokenizer, prompts, settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
+            settings.gen_batch_size,
+        )  # fmt: skip
+    texts = [s.text for s in samples]
+    scores = {j: get_judge(j)(texts) for j in judges}
+    if base is None:  # the reference itself: the log-ratio is 0 on every token
+        kl, kl_sem = 0.0, 0.0
+        wins = {j: 0.5 for j in judges}
+    else:
+        kl, kl_sem = kl_estimate(model, samples)
+        wins = {j: win_rate(scores[j], base.response_scores[j]) for j in judges}
+    acc = heldout.get("eval/rewards/accuracies")
+    margin = heldout.get("eval/rewards/margins")
+    return StageResult(
+        name=name, step=step, scores={j: sum(v) / len(v) for j, v in scores.items()}, win_rate=wins, kl=kl,
+        kl_sem=kl_sem, mean_length=sum(s.n_tokens for s in samples) / len(samples),
+        heldout_accuracy=None if acc is None else float(acc), heldout_margin=None if margin is None else float(margin),
+        responses=texts, response_scores=scores,
+    )  # fmt: skip
+
+
+def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
+    """Train, evaluate base / midpoint / final, write the report; returns the results."""
+    import platform
+
+    import torch
+
+    from dpokit.apps import report
+    from dpokit.data.files import read_prompts
+    from dpokit.train.loop import train
+
+    wall = time.perf_counter()
+    out = Path(settings.out)
+    if settings.quick:
+        settings = replace(settings, **QUICK_SETTINGS)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = build_config(settings, out)
+    if settings.quick and cfg.data.eval_files:  # a handful of held-out pairs is enough for a smoke run
+        cfg = cfg.override([f"data.eval_files=[{_subset_file(cfg.data.eval_files[0], out / 'eval_pairs_quick.jsonl', QUICK_EVAL_PAIRS)}]"])
+    prompts = read_prompts(settings.eval_prompts)[: settings.n_prompts]
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    base_dir = materialize_base(cfg.model.name_or_path, log=log)
+    timings["prepare model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_cfg = cfg.override([f"model.name_or_path={base_dir}"])
+    log(f"[demo] training {cfg.model.name_or_path} with LoRA DPO: {cfg.train.max_steps} steps -> {out / 'model'}")
+    result = train(train_cfg)
+    if result.stopped_by:
+        raise DpokitError(f"training was stopped at step {result.steps}; the demo is incomplete")
+    timings["train"] = time.perf_counter() - t0
+    rows = _read_metrics(out / "model" / "metrics.jsonl")
+    steps, mid = cfg.train.max_steps, cfg.train.max_steps // 2
+
+    t0 = time.perf_counter()
+    model, tokenizer = _load_lora_model(base_dir, cfg)
+    stages: list[StageResult] = []
+    log(f"[demo] sampling {len(prompts)} held-out prompts from the base model")
+    base = measure_stage("base", 0, model, tokenizer, prompts, settings, None, {})
+    stages.append(base)
+    for name, step, final in (("mid", mid, False), ("final", steps, True)):
+        _load_stage_weights(model, out / "model", step, final)
+        log(f"[demo] sampling {len(prompts)} held-out prompts from the {name} model (step {step})")
+        stages.append(measure_stage(name, step, model, tokenizer, prompts, settings, base, _eval_row(rows, step)))
+    timings["evaluate"] = time.perf_counter() - t0
+
+    n_train = _count_lines(cfg.data.train_files)
+    n_eval = _count_lines(cfg.data.eval_files)
+    timings["total"] = time.perf_counter() - wall
+    demo = DemoResult(
+        stages=stages, prompts=list(prompts), settings={k: v for k, v in vars(settings).items()},
+        config=cfg.to_dict(), train_pairs=n_train, eval_pairs=n_eval, steps=steps, timings=timings,
+        machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    )  # fmt: skip
+    (out / "results.json").write_text(json.dumps(demo.to_json(), indent=2), encoding="utf-8")
+    written = report.write_report(demo, rows, out)
+    print(report.render_console(demo))
+    log(f"[demo] done in {timings['total'] / 60:.1f} min; report: {written['report']}")
+    return demo
+
+
+def _count_lines(files: Sequence[str]) -> int:
+    from dpokit.data.files import expand_files
+
+    total = 0
+    for path in expand_files(list(files)) if files else []:
+        with open(path, encoding="utf-8") as f:
+            total += sum(1 for line in f if line.strip())
+    return total
+
+
+# ---- CLI --------------------------------------------------------------------------------
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `dpokit demo` options to ``parser``."""
+    d = DemoSettings()
+    parser.add_argument("--config", default=d.config, help=f"training config (default: {d.config})")
+    parser.add_argument("--out", default=d.out, help=f"run folder for the model, report.md and plots (default: {d.out})")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke version of every stage (~1 min)")
+    parser.add_argument("--eval-prompts", default=d.eval_prompts, help="held-out prompts (.jsonl)")
+    parser.add_argument("--n-prompts", type=int, default=d.n_prompts, help=f"held-out prompts sampled (default: {d.n_prompts})")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed, the same for every model")
+    parser.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the training config")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Run `dpokit demo` from parsed arguments; returns the exit status."""
+    if args.n_prompts < 1:
+        raise DpokitError(f"--n-prompts must be >= 1, got {args.n_prompts}")
+    settings = DemoSettings(
+        config=args.config, out=args.out, eval_prompts=args.eval_prompts, n_prompts=args.n_prompts,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        gen_batch_size=args.gen_batch_size, quick=args.quick, overrides=list(args.overrides),
+    )  # fmt: skip
+    run_demo(settings, log=lambda m: print(m, file=sys.stderr))
+    return 0

@@ -1,0 +1,152 @@
+"""Sampling responses from a causal LM: chat-templated, batched, left-padded, reproducible.
+
+Used by `dpokit pairs` (AI-feedback pair building) and by evaluation code that needs samples.
+Sampling is pure temperature + nucleus (top-p): the model's own ``generation_config`` sampling
+defaults (top_k=50, repetition penalties...) are deliberately not inherited, so the same call gives
+the same distribution whatever folder the model came from. Only its EOS ids are taken from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from dpokit.errors import DpokitError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def render_prompt(tokenizer: Any, prompt: str) -> tuple[str, bool]:
+    """The text fed to the model for ``prompt``, and whether the tokenizer should add special tokens.
+
+    With a chat template the prompt becomes one user turn followed by the assistant header
+    (``add_generation_prompt=True``); the template already writes BOS, so no special tokens are added.
+    Without one the prompt is used as plain text and the tokenizer adds its usual specials.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return text, False
+    return prompt, True
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for i in [value] if isinstance(value, int) else list(value):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, top_p: float,
+                       top_k: int) -> Any:  # fmt: skip
+    """Checked sampling settings as a transformers GenerationConfig (temperature 0 = greedy)."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise DpokitError("max_new_tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise DpokitError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if tokenizer.pad_token_id is None:
+        raise DpokitError("tokenizer has no pad token; load it with dpokit.models.sources.load_tokenizer")
+    do_sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=_eos_ids(model, tokenizer) or None,
+    )
+
+
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    n: int = 2,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    top_k: int = 0,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Sample ``n`` responses for every prompt; returns ``responses[i][j]`` for prompt i, sample j.
+
+    Sequences (prompt x sample) are generated ``batch_size`` at a time, left-padded, under
+    ``torch.inference_mode`` with the KV cache. Only the newly generated tokens are decoded, with
+    special tokens stripped and surrounding whitespace removed. ``temperature == 0`` means greedy.
+
+    Deterministic for a given seed, batch_size and prompt list (on the same device and dtype); the
+    global torch RNG is left as it was.
+    """
+    import torch
+
+    if n < 1:
+        raise DpokitError(f"number of samples per prompt must be >= 1, got {n}")
+    if batch_size < 1:
+        raise DpokitError("batch_size must be >= 1")
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, top_k)
+    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    encoded = [tokenizer(text, add_special_tokens=add)["input_ids"] for text, add in rendered]
+    # One job per (prompt, sample). Sorting by prompt length keeps padding (wasted compute) small;
+    # the stable sort keeps the order, and so the result, deterministic.
+    jobs = sorted(((i, j) for i in range(len(prompts)) for j in range(n)), key=lambda ij: len(encoded[ij[0]]))
+
+    device = next(model.parameters()).device
+    out: list[list[str]] = [[""] * n for _ in prompts]
+    was_training = model.training
+    model.eval()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="sampling", unit="seq")
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            for start in range(0, len(jobs), batch_size):
+                batch = jobs[start : start + batch_size]
+                input_ids, attention_mask = _left_pad([encoded[i] for i, _ in batch], tokenizer.pad_token_id)
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=gen_config,
+                )
+                new_tokens = generated[:, input_ids.shape[1] :]
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for (i, j), text in zip(batch, texts):
+                    out[i][j] = text.strip()
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return out
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows: decoder-only generation appends on the right, so real tokens must end there."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, row in enumerate(rows):
+        if row:
+            ids[k, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[k, width - len(row) :] = 1
+    return ids, mask

@@ -1,0 +1,113 @@
+"""Loading models for training and saving them: dtype, attention kernel, LoRA, the final folder.
+
+Owns: the one dtype resolver, the attention-implementation choice, loading any source
+`dpokit.models.sources` understands (HF folder, .gguf file, alias), wrapping the policy with LoRA,
+and writing a Hugging Face folder at the end of a run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.config import Config
+from dpokit.errors import ConfigError
+from dpokit.models import sources, varlen
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """The one dtype resolver: 'auto' -> bf16 on a GPU that supports it, fp32 elsewhere (fp16 is never
+    chosen: it NaNs DPO, and CPUs run it ~100x slower); explicit names (float32/fp32, bfloat16/bf16,
+    float16/fp16) as given. `device`: where the model will run (default: CUDA if there is one)."""
+    if name in _DTYPES:
+        return _DTYPES[name]
+    if name != "auto":
+        raise ConfigError(f"unknown dtype '{name}'; choose auto, float32, bfloat16 or float16")
+    device = torch.device(device) if device is not None else None
+    on_cuda = (device is not None and device.type == "cuda") or (device is None and torch.cuda.is_available())
+    if on_cuda and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attn_implementation(cfg: Config, dtype: torch.dtype) -> str:
+    """`model.attn_implementation`, with auto resolved: dpokit's flash varlen kernel on a CUDA GPU
+    computing in half precision (the flash kernels need it), SDPA everywhere else."""
+    impl = cfg.model.attn_implementation
+    if impl != "auto":
+        return impl
+    half = dtype in (torch.bfloat16, torch.float16) or cfg.train.mixed_precision == "bf16"
+    return "varlen" if half and torch.cuda.is_available() and varlen.flash_available() else "sdpa"
+
+
+def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
+    source = sources.resolve_source(name_or_path)
+    model = sources.load_model(
+        source,
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+        attn_implementation=resolve_attn_implementation(cfg, dtype),
+    )
+    tokenizer = sources.load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    return model, tokenizer
+
+
+def load_policy(cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The trainable model (LoRA-wrapped when enabled) and its tokenizer."""
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cfg, dtype)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    return model, tokenizer
+
+
+def apply_lora(model: Any, cfg: Config) -> Any:
+    import peft
+
+    targets: Any = cfg.lora.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora_cfg = peft.LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        return peft.get_peft_model(model, lora_cfg)
+    except ValueError as exc:  # e.g. no module matches target_modules
+        raise ConfigError(f"lora.target_modules {cfg.lora.target_modules}: {exc}") from None
+
+
+# ---- saving -----------------------------------------------------------------------------
+def save_final(model: Any, tokenizer: Any, cfg: Config, out_dir: Path) -> dict[str, str]:
+    """Write the trained model: full weights, or the LoRA adapter (+ merged model if asked).
+
+    Returns a dict naming what was written, for the run summary.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    if cfg.lora.enabled:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+        written["adapter"] = str(out_dir)
+        if cfg.lora.merge:
+            merged = copy.deepcopy(model).merge_and_unload()
+            sources.save_pretrained_clean(merged, tokenizer, out_dir / "merged")
+            written["merged"] = str(out_dir / "merged")
+    else:
+        sources.save_pretrained_clean(model, tokenizer, out_dir)
+        written["model"] = str(out_dir)
+    return written

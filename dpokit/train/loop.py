@@ -1,0 +1,509 @@
+"""The training loop: one thin loop over Accelerate for every objective on it (DPO, and more).
+
+Order of one optimizer step (nanoGPT style): for each of `grad_accum_steps` micro-batches, the
+objective turns the batch into a mean loss and per-example values -> backward (scaled by
+1/grad_accum_steps); then clip -> optimizer step -> scheduler step -> log / eval / save.
+
+The loop knows nothing about preference pairs: what a batch is, what its loss and metrics are,
+what a reference is and which warnings to give belong to the `Objective`
+(`dpokit.objectives.base`; DPO is `dpokit.objectives.dpo`). Hooks (`dpokit.train.hooks`) watch it.
+Set-up, evaluation, logging and checkpointing are named helpers below, not inline blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate.utils import set_seed
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dpokit.config import Config
+from dpokit.data.stream import ExampleStream
+from dpokit.dist import Dist, make_accelerator
+from dpokit.errors import DpokitError
+from dpokit.models.forward import LM_HEAD_CHUNK
+from dpokit.models.layout import attn_implementation_of
+from dpokit.models.loading import resolve_dtype
+from dpokit.objectives.base import MetricAccumulator, Objective, ObjectiveSetup, evaluate_examples
+from dpokit.objectives.dpo import DPOObjective
+from dpokit.train import checkpoint as ckpt
+from dpokit.train import metrics as M
+from dpokit.train.hooks import Hook
+from dpokit.train.optim import build_optimizer, build_scheduler, total_steps
+from dpokit.train.signals import StopSignals
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    written: dict[str, str] = field(default_factory=dict)
+    stopped_by: int = 0  # the signal that stopped the run early (0: it ran to the end)
+    checkpoint: str = ""  # the checkpoint written when it stopped early
+
+
+def accumulate_gradients(
+    acc: Any,
+    policy: Any,
+    objective: Objective,
+    micro_batches: list[dict[str, Tensor]],
+    running: MetricAccumulator,
+) -> None:
+    """Forward + backward over the micro-batches of one optimizer step.
+
+    Each micro-batch's mean loss is divided by the number of micro-batches, so the summed
+    gradient equals the gradient of the mean loss over all examples of the step (equal-size
+    micro-batches): micro_batch 4 x accum 1 == micro_batch 1 x accum 4.
+    """
+    n = len(micro_batches)
+    for i, batch_cpu in enumerate(micro_batches):
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch_cpu.items()}
+        sync = i == n - 1  # all-reduce gradients across processes only on the last micro-batch
+        with acc.no_sync(policy) if not sync else contextlib.nullcontext(), acc.autocast():
+            loss, values = objective.batch_values(policy, batch, "train")
+        acc.backward(loss / n)
+        running.add(values)
+
+
+# ---- setup ------------------------------------------------------------------------------
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create output_dir, refuse to clobber another run unless train.overwrite, check it is writable."""
+    out = Path(cfg.train.output_dir)
+    resuming = ckpt.resume_mode(cfg.train.resume) != "no"  # continuing a run in its own folder
+    if (out / "config.yaml").exists() and not cfg.train.overwrite and not resuming:
+        raise DpokitError(
+            f"train.output_dir {out} already holds a run (config.yaml); continue it with train.resume=auto, "
+            "choose another folder, or pass train.overwrite=true"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dpokit_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise DpokitError(f"train.output_dir {out} is not writable: {exc.strerror or exc}") from None
+    return out
+
+
+@dataclass
+class Setup:
+    accelerator: Any
+    dist: Dist
+    policy: Any
+    tokenizer: Any
+    train_examples: list[Any]
+    eval_examples: list[Any]
+    collator: Any
+    lm_head_chunk: int
+
+
+def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
+    """Accelerator, model, data and the objective's own pieces (a reference), in the order that keeps
+    memory lowest."""
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    dist = Dist.from_accelerator(accelerator)
+    set_seed(cfg.train.seed)
+    dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
+    policy, tokenizer = objective.load_model(dtype)
+    skipped = out / "skipped.jsonl" if dist.is_main else None  # data.on_bad_row=skip lists them
+    train_examples, summary = objective.load_examples(cfg.data.train_files, tokenizer, skipped)
+    dist.print(summary.render())
+    eval_examples: list[Any] = []
+    if cfg.data.eval_files:
+        skipped_eval = out / "skipped_eval.jsonl" if dist.is_main else None
+        eval_examples, eval_summary = objective.load_examples(cfg.data.eval_files, tokenizer, skipped_eval)
+        dist.print(eval_summary.render())
+    if not train_examples:
+        raise DpokitError(f"no training {objective.unit} left after validation and truncation (see the summary above)")
+    # The decoder-direct chunked head bypasses the wrapper's forward, which DDP/FSDP need.
+    lm_head_chunk = LM_HEAD_CHUNK if dist.world == 1 else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = objective.build_collator(pad_id, policy, accelerator.device)
+    dist.print(f"batches: {collator.describe()}")
+    splits = {"train": train_examples, "eval": eval_examples}
+    objective.prepare(ObjectiveSetup(policy, tokenizer, dtype, dist, collator, lm_head_chunk, splits))
+    return Setup(accelerator, dist, policy, tokenizer, train_examples, eval_examples, collator, lm_head_chunk)
+
+
+# ---- the loop ---------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next. A checkpoint stores it (with the data
+    position), so a resumed run logs the same rows and stops on the same bad-step streak."""
+
+    step: int = 0
+    running: MetricAccumulator = field(default_factory=MetricAccumulator)  # examples since the last row
+    last: dict[str, float] = field(default_factory=dict)  # the last training row
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    bad_streak: int = 0  # ... in a row, up to now
+    history: list[dict[str, float]] = field(default_factory=list)  # recent rows, for the objective's warnings
+    warned_displacement: bool = False  # the objective's warning was given (once per run)
+    rows: int = 0  # rows written to metrics.jsonl, so a resume can drop the ones logged after the checkpoint
+
+    def to_dict(self, consumed: int) -> dict[str, Any]:
+        running = {k: None if v is None else v.cpu() for k, v in self.running.state_dict().items()}
+        return {"step": self.step, "consumed": consumed, "running": running, "last": self.last,
+                "skipped_steps": self.skipped_steps, "bad_streak": self.bad_streak, "history": self.history,
+                "warned_displacement": self.warned_displacement, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: Any) -> LoopState:
+        state = cls(d["step"], MetricAccumulator(), d["last"], d["skipped_steps"], d["bad_streak"], d["history"],
+                    d["warned_displacement"], d["rows"])
+        state.running.load_state_dict(d["running"], device)
+        return state
+
+
+@dataclass
+class _Run:
+    """The objects of one run that the loop's helpers share."""
+
+    cfg: Config
+    out: Path
+    s: Setup
+    objective: Objective
+    policy: Any
+    optimizer: Any
+    scheduler: Any
+    stream: ExampleStream
+    steps: int
+    hooks: Sequence[Hook] = ()
+    logger: Any = None  # M.MetricsLogger, opened once the resume point is known
+    bar: Any = None
+
+
+def train(cfg: Config, objective: Objective | None = None, hooks: Sequence[Hook] = ()) -> TrainResult:
+    """Train `cfg.model` with `objective` (default: DPO, `loss.type`) on `cfg.data.train_files`;
+    write everything to train.output_dir. `hooks` observe the loop (`dpokit.train.hooks`)."""
+    cfg.validate()
+    objective = objective or DPOObjective(cfg)
+    objective.validate()
+    out = prepare_output_dir(cfg)
+    s = setup(cfg, out, objective)
+    acc, t = s.accelerator, cfg.train
+    steps = total_steps(cfg, len(s.train_examples), s.dist.world)
+    optimizer = build_optimizer(cfg, s.policy)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    # Signals and non-finite streaks write a checkpoint even with save_every=0: fail now, not then.
+    ckpt.check_disk_space(out, ckpt.estimate_bytes(s.policy, t.optimizer))
+    policy, optimizer = acc.prepare(s.policy, optimizer)
+    objective.attach(acc.unwrap_model(policy))
+    lengths = [objective.example_length(e) for e in s.train_examples]
+    stream = ExampleStream(s.train_examples, lengths, t.micro_batch_size, t.seed, s.dist.world, s.dist.rank,
+                           group_by_length=cfg.data.group_by_length, grad_accum_steps=t.grad_accum_steps,
+                           unit=objective.unit)  # fmt: skip
+    run = _Run(cfg, out, s, objective, policy, optimizer, scheduler, stream, steps, hooks)
+    state = _resume(run)  # a fresh LoopState unless train.resume finds a checkpoint
+    if s.dist.is_main:
+        cfg.save(out / "config.yaml")
+    run.logger = M.MetricsLogger(out, t.report_to, enabled=s.dist.is_main, append=state.step > 0)
+    run.bar = _progress_bar(steps, enabled=t.progress_bar and s.dist.is_main, initial=state.step, desc=objective.name)
+    for hook in hooks:
+        hook.on_setup({"batches": s.collator.describe(), "attention": attn_implementation_of(policy)})
+    with StopSignals() as signals:
+        stopped = _run_steps(run, state, signals)
+        if stopped is not None:
+            return stopped
+        return _finish(run, state)
+
+
+def _run_steps(run: _Run, state: LoopState, signals: StopSignals) -> TrainResult | None:
+    """Optimizer steps from the resume point to the end; a TrainResult when a signal stopped the run."""
+    s, t, acc, objective = run.s, run.cfg.train, run.s.accelerator, run.objective
+    examples = iter(run.stream)
+    tokens, t0 = 0, time.perf_counter()
+    run.policy.train()
+    for step in range(state.step + 1, run.steps + 1):
+        micro_batches = []
+        for _ in range(t.grad_accum_steps):
+            taken = next(examples)
+            for hook in run.hooks:
+                hook.on_micro_batch(step, taken)
+            micro_batches.append(s.collator(taken))
+        tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+        step_metrics = MetricAccumulator()
+        accumulate_gradients(acc, run.policy, objective, micro_batches, step_metrics)
+        grad_norm = _clip(acc, run.policy, t.max_grad_norm)
+        finite, stop = _check_finite(s.dist, objective, step_metrics, grad_norm, signals.requested)
+        if finite:
+            run.optimizer.step()
+            state.running.merge(step_metrics)
+        _count_bad_step(run, state, finite, step)
+        run.scheduler.step()  # on skipped steps too: the lr stays a function of the step number
+        run.optimizer.zero_grad(set_to_none=True)
+        state.step = step
+        row = None
+        if step % t.log_every == 0 or step == run.steps:
+            elapsed = time.perf_counter() - t0
+            row = _log_train_row(run, state, grad_norm if finite else None, tokens * s.dist.world / elapsed)
+            tokens, t0 = 0, time.perf_counter()
+        elif t.eval_every and step % t.eval_every == 0 and s.eval_examples:
+            _log(run, state, step, evaluate_during_training(run))
+        for hook in run.hooks:
+            hook.on_step_end(step, row)
+        run.bar.update(1)
+        if state.bad_streak >= t.max_bad_steps:
+            _stop_on_bad_steps(run, state)
+        if stop:  # a signal (here or on another process): checkpoint, then leave cleanly
+            return _stopped(run, state, signals.signum or signal.SIGTERM, _save_checkpoint(run, state))
+        if t.save_every and step % t.save_every == 0:
+            _save_checkpoint(run, state)
+    return None
+
+
+def _finish(run: _Run, state: LoopState) -> TrainResult:
+    """The final evaluation and the final save."""
+    s, steps = run.s, run.steps
+    run.bar.close()
+    eval_metrics: dict[str, float] = {}
+    if s.eval_examples:
+        eval_metrics = evaluate_during_training(run)
+        _log(run, state, steps, eval_metrics)
+        s.dist.print(M.format_line(steps, steps, {**state.last, **eval_metrics}, run.objective.console_keys))
+    run.logger.close()
+    # Writing the model serialises a copy of the weights; the optimizer state (2x the trainable
+    # weights for AdamW) is no longer needed, so free it first: the save must not set the peak.
+    run.optimizer.state.clear()
+    written = _save(run)
+    return TrainResult(str(run.out), steps, state.last, eval_metrics, written)
+
+
+def _epoch(step: int, cfg: Config, s: Setup) -> float:
+    examples = step * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * s.dist.world
+    return examples / len(s.train_examples)
+
+
+def _clip(acc: Any, model: Any, max_norm: float) -> Tensor:
+    if max_norm > 0:
+        return acc.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+# ---- numerical faults ---------------------------------------------------------
+def _check_finite(
+    dist: Dist, objective: Objective, step_metrics: MetricAccumulator, grad_norm: Tensor, stop: bool
+) -> tuple[bool, bool]:
+    """(is this step's loss and gradient finite, should the run stop after this step).
+
+    The loop's one host sync per step: whether to call optimizer.step() must be known on the
+    host before calling it, and keeping a skipped update entirely on the device would mean
+    undoing the optimizer's state. The gradient norm is the one clipping already computed (a
+    NaN/inf anywhere in any gradient makes it non-finite); with several processes one
+    max-reduce of the two flags makes every rank skip or stop together.
+    """
+    loss_sum = step_metrics.sums[objective.metric_keys.index("loss")]  # () on the device
+    bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm.to(loss_sum.device)))
+    flags = torch.stack([bad.float(), torch.tensor(float(stop), device=loss_sum.device)])
+    flags = dist.reduce_sum(flags)
+    any_bad, any_stop = flags.tolist()
+    return any_bad == 0, any_stop > 0
+
+
+def _count_bad_step(run: _Run, state: LoopState, finite: bool, step: int) -> None:
+    if finite:
+        state.bad_streak = 0
+        return
+    state.skipped_steps += 1
+    state.bad_streak += 1
+    run.s.dist.print(
+        f"warning: step {step}: non-finite loss or gradient, update skipped "
+        f"({state.bad_streak} in a row, {state.skipped_steps} in total; the run stops at {run.cfg.train.max_bad_steps} in a row)"
+    )
+
+
+def _stop_on_bad_steps(run: _Run, state: LoopState) -> None:
+    path = _save_checkpoint(run, state)
+    t, m = run.cfg.train, run.cfg.model
+    first = state.step - state.bad_streak + 1
+    raise DpokitError(
+        f"steps {first}-{state.step}: {state.bad_streak} steps in a row had a non-finite loss or gradient and were "
+        f"skipped (train.max_bad_steps={t.max_bad_steps}); stopped. The weights of the last good step are saved in "
+        f"{path}. Usual causes: a learning rate too high for this model (train.lr is {t.lr}; try a tenth) or too "
+        f"little precision (model.dtype is {m.dtype}, train.mixed_precision is {t.mixed_precision}; try "
+        f"model.dtype=float32 train.mixed_precision=no). Continue with train.resume=auto after changing them"
+    )
+
+
+def _stopped(run: _Run, state: LoopState, signum: int, saved: Path) -> TrainResult:
+    run.bar.close()
+    run.logger.close()
+    name = signal.Signals(signum).name
+    run.s.dist.print(
+        f"{name}: stopped after step {state.step}/{run.steps}; checkpoint {saved}. "
+        "Run the same command with train.resume=auto to continue"
+    )
+    return TrainResult(str(run.out), state.step, state.last, stopped_by=signum, checkpoint=str(saved))
+
+
+# ---- logging --------------------------------------------------------------------------
+def _log(run: _Run, state: LoopState, step: int, row: dict[str, Any]) -> None:
+    run.logger.log(step, row)
+    state.rows += 1
+
+
+def _log_train_row(run: _Run, state: LoopState, grad_norm: Tensor | None, tokens_per_sec: float) -> dict[str, Any]:
+    """Average the examples since the last row (skipped steps excluded), log them and return the row."""
+    s, t, step, objective = run.s, run.cfg.train, state.step, run.objective
+    # {} when every step since the last row was skipped
+    row: dict[str, Any] = state.running.compute(objective.metric_keys, s.dist.reduce_sum)
+    state.running.reset()
+    if grad_norm is not None:  # a skipped step's norm is NaN/inf: leave it out of the JSON
+        row["grad_norm"] = float(grad_norm)
+    row.update(lr=run.scheduler.get_last_lr()[0], tokens_per_sec=tokens_per_sec,
+               epoch=_epoch(step, run.cfg, s), skipped_steps=state.skipped_steps)
+    if t.eval_every and step % t.eval_every == 0 and s.eval_examples and step != run.steps:
+        row.update(evaluate_during_training(run))
+    state.last = row
+    _log(run, state, step, row)
+    if "loss" in row:
+        shown = objective.console_keys[:2]
+        run.bar.set_postfix_str(" ".join(f"{short} {row[k]:{fmt}}" for k, short, fmt in shown if k in row))
+    if not t.progress_bar:
+        s.dist.print(M.format_line(step, run.steps, row, objective.console_keys))
+    _check_warnings(run, state, row)
+    return row
+
+
+def _check_warnings(run: _Run, state: LoopState, row: dict[str, Any]) -> None:
+    """The objective's warning about the recent training rows: once per run, to the console and a
+    `warnings` row of metrics.jsonl."""
+    keys = run.objective.metric_keys
+    if not any(k in row for k in keys):
+        return
+    state.history = [*state.history, {k: row[k] for k in keys if k in row}][-_HISTORY:]
+    message = run.objective.check_rows(state.history)
+    if message and not state.warned_displacement:
+        state.warned_displacement = True
+        run.s.dist.print(f"warning: {message}")
+        _log(run, state, state.step, {"warnings": [message]})
+
+
+_HISTORY = 16  # training rows kept for the objective's warnings (it looks at the last few)
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+def _save_checkpoint(run: _Run, state: LoopState) -> Path:
+    """Write a checkpoint of the state after `state.step` (every process takes part)."""
+    acc, root = run.s.accelerator, run.out / ckpt.CHECKPOINTS
+    tmp = ckpt.staging_dir(root, state.step)
+    try:
+        if acc.is_main_process:
+            ckpt.begin(root, state.step)
+        acc.wait_for_everyone()
+        ckpt.write_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.write_and_publish(
+                tmp, state.step, acc.unwrap_model(run.policy), run.optimizer, run.scheduler,
+                state.to_dict(run.stream.consumed), run.cfg.to_yaml(commented=False), acc.num_processes,
+                run.cfg.train.keep_checkpoints,
+            )
+    except OSError as exc:
+        raise DpokitError(f"could not write the checkpoint of step {state.step} in {root}: {exc}") from None
+    acc.wait_for_everyone()
+    return root / ckpt.folder_name(state.step)
+
+
+def _resume(run: _Run) -> LoopState:
+    """Load the checkpoint train.resume names into the model, optimizer, scheduler, data stream
+    and RNGs; return the loop state to continue from (fresh when there is nothing to resume)."""
+    acc, t = run.s.accelerator, run.cfg.train
+    mode = ckpt.resume_mode(t.resume)
+    if mode == "no":
+        return LoopState()
+    root = run.out / ckpt.CHECKPOINTS
+    if mode == "auto":
+        found = ckpt.load_newest(root, acc.process_index, warn=run.s.dist.print)
+        if found is None:
+            run.s.dist.print(f"train.resume=auto: no checkpoint in {root}; starting at step 0")
+            return LoopState()
+    else:
+        found = ckpt.load_checkpoint(Path(str(t.resume)), acc.process_index)
+    ckpt.apply_weights(acc.unwrap_model(run.policy), found.weights, found.path)
+    run.optimizer.load_state_dict(found.optimizer)
+    run.scheduler.load_state_dict(found.scheduler)
+    _adopt_changed_settings(run, found.config_yaml)
+    state = LoopState.from_dict(found.state, acc.device)
+    run.stream.consumed = found.state["consumed"]
+    if found.rng is not None:
+        ckpt.set_rng_state(found.rng)  # last: nothing between here and the first step draws numbers
+    else:
+        run.s.dist.print("warning: the checkpoint has no RNG state for this process (another number of processes?)")
+    if acc.is_main_process:
+        _truncate_metrics(run.out / "metrics.jsonl", state.rows)
+    run.s.dist.print(f"resumed from {found.path} (step {found.step} of {run.steps})")
+    return state
+
+
+# Keys that only steer bookkeeping: changing them between a run and its resumption is expected.
+_BOOKKEEPING = {"train." + k for k in ("resume", "overwrite", "output_dir", "save_every", "keep_checkpoints",
+                                       "progress_bar", "report_to", "max_bad_steps", "log_every", "eval_every")}
+
+
+def _adopt_changed_settings(run: _Run, config_yaml: str) -> None:
+    """Warn about settings that differ from the checkpoint's run; apply a new train.lr.
+
+    The restored optimizer and scheduler carry the old peak lr, and a lower lr is the usual
+    fix after a non-finite stop, so a changed train.lr replaces it from the current step on.
+    """
+    old = yaml.safe_load(config_yaml) or {}
+    new = run.cfg.to_dict()
+    changed = [f"{sec}.{k}" for sec, keys in new.items() for k, v in keys.items()
+               if f"{sec}.{k}" not in _BOOKKEEPING and (old.get(sec) or {}).get(k, v) != v]
+    if changed:
+        run.s.dist.print(f"warning: resuming with changed settings {', '.join(changed)}: "
+                                "the result will differ from an uninterrupted run")
+    if "train.lr" in changed:
+        sched, lr = run.scheduler, run.cfg.train.lr
+        sched.base_lrs = [lr] * len(sched.base_lrs)
+        for group, factor in zip(run.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+
+
+def _truncate_metrics(path: Path, rows: int) -> None:
+    """Keep the first `rows` rows of metrics.jsonl (those logged up to the checkpoint): the
+    steps after it run again and log their rows again, so none is duplicated."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if len(lines) < rows:
+        print(f"warning: {path} has {len(lines)} rows, the checkpoint expected {rows}; appending to it")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(lines[:rows]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_during_training(run: _Run) -> dict[str, float]:
+    """The objective's metrics over the eval examples, as `eval/...` keys."""
+    s = run.s
+    res = evaluate_examples(run.objective, run.policy, s.eval_examples, s.collator, run.cfg.train.eval_batch_size, s.dist)
+    return {f"eval/{k}": v for k, v in res.items()}
+
+
+def _save(run: _Run) -> dict[str, str]:
+    acc = run.s.accelerator
+    acc.wait_for_everyone()
+    written: dict[str, str] = {}
+    if run.s.dist.is_main:
+        written = run.objective.save(acc.unwrap_model(run.policy), run.s.tokenizer, run.out)
+        (run.out / "summary.json").write_text(json.dumps({"written": written}, indent=2))
+    acc.wait_for_everyone()
+    return written
+
+
+def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "") -> Any:
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc)
