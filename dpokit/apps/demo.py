@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit import resources
+from dpokit.apps.report import DemoResult, StageResult
 from dpokit.config import Config
 from dpokit.errors import ConfigError, DpokitError
 
@@ -81,48 +82,6 @@ class Sample:
     def n_tokens(self) -> int:
         """Response length in tokens, EOS not counted."""
         return len(self.response_ids) - int(self.finished)
-
-
-@dataclass
-class StageResult:
-    """Measurements of one model (base, midpoint or final) on the held-out prompts."""
-
-    name: str
-    step: int
-    scores: dict[str, float]  # judge -> mean score over the responses
-    win_rate: dict[str, float]  # judge -> share of prompts beating the base response (ties 1/2); base: 0.5
-    kl: float  # mean over samples of sum_t log pi - log ref (0 for the base model)
-    kl_sem: float  # standard error of that mean
-    mean_length: float  # tokens, EOS not counted
-    heldout_accuracy: float | None  # implicit-reward accuracy on held-out pairs (None: base, undefined)
-    heldout_margin: float | None
-    responses: list[str]
-    response_scores: dict[str, list[float]]
-
-
-@dataclass
-class DemoResult:
-    """Everything the report is written from (also saved as results.json)."""
-
-    stages: list[StageResult]
-    prompts: list[str]
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    train_pairs: int
-    eval_pairs: int
-    steps: int
-    timings: dict[str, float]
-    machine: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> DemoResult:
-        stages = [StageResult(**s) for s in d["stages"]]
-        return cls(**{**d, "stages": stages})
 
 
 # ---- configuration --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The demo's report: a one-screen before/after table, ``report.md`` and PNG plots.
 
-Pure functions of a `dpokit.apps.demo.DemoResult` and the training's ``metrics.jsonl`` rows, so they
+Pure functions of a `DemoResult` (defined here; `dpokit.apps.demo` fills it) and the training's ``metrics.jsonl`` rows, so they
 are tested with synthetic numbers and never need a model. Plots use matplotlib's Agg backend
 (files only, no display).
 """
@@ -9,11 +9,50 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dpokit.apps.demo import DemoResult, StageResult
+
+@dataclass
+class StageResult:
+    """Measurements of one model (base, midpoint or final) on the held-out prompts."""
+
+    name: str
+    step: int
+    scores: dict[str, float]  # judge -> mean score over the responses
+    win_rate: dict[str, float]  # judge -> share of prompts beating the base response (ties 1/2); base: 0.5
+    kl: float  # mean over samples of sum_t log pi - log ref (0 for the base model)
+    kl_sem: float  # standard error of that mean
+    mean_length: float  # tokens, EOS not counted
+    heldout_accuracy: float | None  # implicit-reward accuracy on held-out pairs (None: base, undefined)
+    heldout_margin: float | None
+    responses: list[str]
+    response_scores: dict[str, list[float]]
+
+
+@dataclass
+class DemoResult:
+    """Everything the report is written from (also saved as results.json)."""
+
+    stages: list[StageResult]
+    prompts: list[str]
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    train_pairs: int
+    eval_pairs: int
+    steps: int
+    timings: dict[str, float]
+    machine: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DemoResult:
+        stages = [StageResult(**s) for s in d["stages"]]
+        return cls(**{**d, "stages": stages})
+
 
 CURVES = (  # (metrics.jsonl key, panel title) of the training-curve plot
     ("loss", "DPO loss"),

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpokit.config import LOSS_TYPES
 from dpokit.errors import ConfigError
 
 __all__ = [
@@ -145,6 +146,7 @@ def register_loss(
             raise ValueError(f"loss {name!r} is already registered")
         doc = description if description is not None else (fn.__doc__ or "").strip().split("\n")[0]
         LOSSES[name] = LossSpec(fn=fn, reference_free=reference_free, description=doc)
+        LOSS_TYPES.add(name)  # so Config.validate accepts it as loss.type
         return fn
 
     return decorator

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from dpokit.apps import report
-from dpokit.apps.demo import DemoResult, DemoSettings, StageResult, build_config, win_rate
+from dpokit.apps.demo import DemoSettings, build_config, win_rate
+from dpokit.apps.report import DemoResult, StageResult
 from tests.conftest import PRESETS, REVIEWS
 
 REPO = Path(__file__).resolve().parents[2]

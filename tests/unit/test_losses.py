@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dpokit.config import LOSS_TYPES
 from dpokit.errors import ConfigError
 from dpokit.objectives.losses import LOSSES, LossOutput, LossParams, compute_loss, log1mexp, register_loss
 
@@ -305,12 +306,19 @@ def test_registry_metadata_and_custom_loss() -> None:
 
     try:
         assert LOSSES["_test_zero"].description == "Always zero."
+        assert "_test_zero" in LOSS_TYPES  # Config.validate accepts a registered loss
         out = compute_loss("_test_zero", t(-1), t(-2), None, None, t(2), t(2), LossParams(), nll_weight=1.0)
         assert_close(out.losses, 0.5)  # 0 + 1.0 * (1 / 2)
         with pytest.raises(ValueError, match="already registered"):
             register_loss("_test_zero")(zero)
     finally:
         del LOSSES["_test_zero"]
+        LOSS_TYPES.discard("_test_zero")
+
+
+def test_config_knows_exactly_the_registered_losses() -> None:
+    """config.LOSS_TYPES (what loss.type accepts; config sits below the losses) is the registry's key set."""
+    assert LOSS_TYPES == set(LOSSES)
 
 
 # ------------------------------------------------------------------------------------------------
