@@ -195,10 +195,37 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     t_begin = time.perf_counter()
     print(f"# {command}\n# runs in {root}", flush=True)
+    folders, skipped = _model_folders(prof, cache)
+    peak = run_worker("bench.workers.peak", json.dumps({"device": args.device, "size": prof["gemm"], "repeats": 5,
+                                                        "threads": args.threads}),
+                      root / "peak", cache, args.timeout)
+    if not peak.get("ok"):
+        print(f"peak measurement failed: {peak.get('error')}", file=sys.stderr)
+        return 1
+    peaks, env = peak["peaks"], peak["env"]
+    print(f"matmul peak ({prof['gemm']}^3): fp32 {common.fmt_num(peaks['fp32'])}FLOP/s, "
+          f"bf16 {common.fmt_num(peaks['bf16'])}FLOP/s", flush=True)
+    all_runs, per_tool, specs_seen, skipped_runs = _run_all(args, prof, folders, root, cache, t_begin)
+    table_rows = [{"workload": w, "mode": mode,
+                   "dpokit": common.summarize(per_tool.get((w, mode, "dpokit"), []), peaks),
+                   "trl": common.summarize(per_tool.get((w, mode, "trl"), []), peaks)}
+                  for w in prof["workloads"] for mode in prof["modes"]]  # fmt: skip
+    total_s = time.perf_counter() - t_begin
+    print("\n" + common.results_table(table_rows) + "\n")
+    for line in common.failures(table_rows):
+        print("failed: " + line)
+    report = render_report(command, prof, args, env, peaks, table_rows, all_runs, specs_seen,
+                           skipped + [f"{x}: over the time budget" for x in skipped_runs], total_s)
+    raw = {"command": command, "env": env, "peaks": peaks, "profile": prof, "runs": all_runs, "table": table_rows}
+    _write_outputs(args, prof, root, report, raw, total_s)
+    return 0 if not common.failures(table_rows) else 3
 
+
+def _model_folders(prof: dict[str, Any], cache: Path | None) -> tuple[dict[str, Path], list[str]]:
+    """Each workload's model folder, made once (cached) so no worker pays for conversion; workloads
+    whose model is not installed are dropped from `prof` and listed."""
     from bench import models
 
-    # Model folders first (once; cached), so no worker pays for conversion.
     folders: dict[str, Path] = {}
     skipped: list[str] = []
     for w in list(prof["workloads"]):
@@ -210,21 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         if model not in folders:
             print(f"materialising {model} ...", flush=True)
             folders[model] = model_folder(model, cache)
+    return folders, skipped
 
-    peak = run_worker("bench.workers.peak", json.dumps({"device": args.device, "size": prof["gemm"], "repeats": 5,
-                                                        "threads": args.threads}),
-                      root / "peak", cache, args.timeout)
-    if not peak.get("ok"):
-        print(f"peak measurement failed: {peak.get('error')}", file=sys.stderr)
-        return 1
-    peaks, env = peak["peaks"], peak["env"]
-    print(f"matmul peak ({prof['gemm']}^3): fp32 {common.fmt_num(peaks['fp32'])}FLOP/s, "
-          f"bf16 {common.fmt_num(peaks['bf16'])}FLOP/s", flush=True)
 
-    dpokit_best = args.dpokit_best if args.dpokit_best is not None else dpokit_best_flags(args.device)
-    trl_best = args.trl_best  # None: the worker's BEST
+def _run_all(args: argparse.Namespace, prof: dict[str, Any], folders: dict[str, Path], root: Path,
+             cache: Path | None, t_begin: float) -> tuple[list, dict, dict, list]:  # fmt: skip
+    """Every (repeat, workload, mode, tool) run, alternating the tools, within the time budget."""
     all_runs: list[dict[str, Any]] = []
-    table_rows: list[dict[str, Any]] = []
     specs_seen: dict[str, dict[str, Any]] = {}
     skipped_runs: list[str] = []
     per_tool: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -233,61 +252,62 @@ def main(argv: list[str] | None = None) -> int:
     # run cut short by --budget-min still covers everything once.
     for rep in range(prof["repeats"]):
         for w in prof["workloads"]:
-            model, lora = WORKLOADS[w]
-            folder = folders[model]
             for mode in prof["modes"]:
                 for tool in ("dpokit", "trl"):  # alternating A B A B
-                    runs_here = per_tool.setdefault((w, mode, tool), [])
                     estimate = max([r.get("process_s", 0) for r in all_runs if r["workload"] == w] or [0])
                     if budget_s and time.perf_counter() - t_begin + estimate > budget_s:
                         print(f"{w:16s} {mode:8s} {tool:6s} #{rep}: skipped (--budget-min {prof['budget_min']})")
                         skipped_runs.append(f"{w} / {mode} / {tool} repeat {rep}")
                         continue
-                    extra = list(args.dpokit_set) if tool == "dpokit" else list(args.trl_set)
-                    if mode == "best":
-                        if tool == "dpokit":
-                            extra = dpokit_best + extra
-                        elif trl_best is not None:
-                            extra = ["__replace_best__=true"] + trl_best + extra
-                    spec = common.Spec(
-                        tool=tool, mode=mode, workload=w, model_dir=str(folder), data=str(common.DATA),
-                        run_dir=str(root / w / mode / f"{tool}-{rep}"), device=args.device,
-                        precision=prof["precision"], lora=lora, micro_batch=prof["micro_batch"],
-                        grad_accum=prof["grad_accum"], max_length=max_length_for(folder, args.max_length),
-                        warmup_steps=prof["warmup"], timed_steps=prof["steps"], lr=args.lr, threads=args.threads,
-                        extra=extra,
-                    )
+                    spec = _spec(args, prof, folders, root, w, mode, tool, rep)
                     specs_seen[w] = dataclasses.asdict(spec)
                     module = "bench.workers.dpokit_worker" if tool == "dpokit" else "bench.workers.trl_worker"
                     res = run_worker(module, spec.to_json(), Path(spec.run_dir), cache, args.timeout)
                     res.update(repeat=rep, tool=tool, mode=mode, workload=w)
-                    runs_here.append(res)
+                    per_tool.setdefault((w, mode, tool), []).append(res)
                     all_runs.append(res)
-                    if res.get("ok"):
-                        print(f"{w:16s} {mode:8s} {tool:6s} #{rep}: {common.fmt_num(res['tokens_per_s'])} tok/s  "
-                              f"{res['pairs_per_s']:.3g} pairs/s  step {res['step_s']:.3g} s  "
-                              f"mem {common.fmt_bytes(res['peak_mem_bytes'])}  ({res['process_s']:.0f} s)", flush=True)
-                    else:
-                        print(f"{w:16s} {mode:8s} {tool:6s} #{rep}: FAILED {res.get('error')}", flush=True)
-    for w in prof["workloads"]:
-        for mode in prof["modes"]:
-            table_rows.append({"workload": w, "mode": mode,
-                               "dpokit": common.summarize(per_tool.get((w, mode, "dpokit"), []), peaks),
-                               "trl": common.summarize(per_tool.get((w, mode, "trl"), []), peaks)})
+                    _print_run(res, w, mode, tool, rep)
+    return all_runs, per_tool, specs_seen, skipped_runs
 
-    total_s = time.perf_counter() - t_begin
-    table = common.results_table(table_rows)
-    print("\n" + table + "\n")
-    for line in common.failures(table_rows):
-        print("failed: " + line)
-    report = render_report(command, prof, args, env, peaks, table_rows, all_runs, specs_seen,
-                           skipped + [f"{x}: over the time budget" for x in skipped_runs], total_s)
+
+def _spec(args: argparse.Namespace, prof: dict[str, Any], folders: dict[str, Path], root: Path, w: str, mode: str,
+          tool: str, rep: int) -> common.Spec:  # fmt: skip
+    """One worker's spec: the shared workload settings plus the tool's flags for this mode."""
+    model, lora = WORKLOADS[w]
+    extra = list(args.dpokit_set) if tool == "dpokit" else list(args.trl_set)
+    if mode == "best":
+        if tool == "dpokit":
+            best = args.dpokit_best if args.dpokit_best is not None else dpokit_best_flags(args.device)
+            extra = best + extra
+        elif args.trl_best is not None:  # None: the worker's BEST
+            extra = ["__replace_best__=true"] + args.trl_best + extra
+    return common.Spec(
+        tool=tool, mode=mode, workload=w, model_dir=str(folders[model]), data=str(common.DATA),
+        run_dir=str(root / w / mode / f"{tool}-{rep}"), device=args.device,
+        precision=prof["precision"], lora=lora, micro_batch=prof["micro_batch"],
+        grad_accum=prof["grad_accum"], max_length=max_length_for(folders[model], args.max_length),
+        warmup_steps=prof["warmup"], timed_steps=prof["steps"], lr=args.lr, threads=args.threads,
+        extra=extra,
+    )
+
+
+def _print_run(res: dict[str, Any], w: str, mode: str, tool: str, rep: int) -> None:
+    if res.get("ok"):
+        print(f"{w:16s} {mode:8s} {tool:6s} #{rep}: {common.fmt_num(res['tokens_per_s'])} tok/s  "
+              f"{res['pairs_per_s']:.3g} pairs/s  step {res['step_s']:.3g} s  "
+              f"mem {common.fmt_bytes(res['peak_mem_bytes'])}  ({res['process_s']:.0f} s)", flush=True)
+    else:
+        print(f"{w:16s} {mode:8s} {tool:6s} #{rep}: FAILED {res.get('error')}", flush=True)
+
+
+def _write_outputs(args: argparse.Namespace, prof: dict[str, Any], root: Path, report: str, raw: dict[str, Any],
+                   total_s: float) -> None:  # fmt: skip
+    """The markdown report (--out), the raw JSON (--json and the run folder), and copies under $OUT."""
     out = Path(prof["out"])
     out = out if out.is_absolute() else REPO / out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report, encoding="utf-8")
     print(f"wrote {out} ({total_s / 60:.1f} min)")
-    raw = {"command": command, "env": env, "peaks": peaks, "profile": prof, "runs": all_runs, "table": table_rows}
     json_paths = [Path(args.json)] if args.json else []
     json_paths.append(root / "results.json")
     if os.environ.get("OUT"):
@@ -296,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     for p in json_paths:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
-    return 0 if not common.failures(table_rows) else 3
 
 
 # ---- the report ---------------------------------------------------------------------------------------

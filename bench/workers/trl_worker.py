@@ -51,34 +51,22 @@ def _lengths(rows: list[dict[str, Any]], tok: Any) -> list[int]:
     return out
 
 
-def run(spec: Any) -> dict[str, Any]:
-    import torch
-
-    from bench import common
-    from bench.workers import prepare
-
-    cuda, run_dir, rows = prepare(spec)
-
-    t_train = time.perf_counter()
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
+def _flags_and_rows(spec: Any, rows: list[dict[str, Any]], tok: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The DPOConfig flags of this mode (BEST and/or --trl-set), and the rows (with `length` for grouping)."""
     extra = _parse_extra(spec.extra)
     replace_best = extra.pop("__replace_best__", False)  # compare.py --trl-best: the given flags only
     chosen = dict(BEST) if spec.mode == "best" and not replace_best else {}
     chosen.update(extra)
-    tok = AutoTokenizer.from_pretrained(spec.model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    dataset_rows = rows
     if chosen.get("train_sampling_strategy") == "group_by_length":
         chosen.setdefault("length_column_name", "length")
         chosen.setdefault("remove_unused_columns", False)  # keep `length` until the sampler reads it
-        dataset_rows = [dict(r, length=n) for r, n in zip(rows, _lengths(rows, tok))]
-    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-    args = DPOConfig(
+        return chosen, [dict(r, length=n) for r, n in zip(rows, _lengths(rows, tok))]
+    return chosen, rows
+
+
+def _dpo_config(config_cls: Any, spec: Any, chosen: dict[str, Any], run_dir: Any, cuda: bool) -> Any:
+    """TRL's DPOConfig for the shared workload settings plus this mode's flags."""
+    return config_cls(
         output_dir=str(run_dir / "out"),
         max_steps=spec.steps,
         per_device_train_batch_size=spec.micro_batch,
@@ -101,6 +89,28 @@ def run(spec: Any) -> dict[str, Any]:
         dataloader_num_workers=0,
         **chosen,
     )
+
+
+def run(spec: Any) -> dict[str, Any]:
+    import torch
+
+    from bench import common
+    from bench.workers import prepare
+
+    cuda, run_dir, rows = prepare(spec)
+
+    t_train = time.perf_counter()
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tok = AutoTokenizer.from_pretrained(spec.model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    chosen, dataset_rows = _flags_and_rows(spec, rows, tok)
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    args = _dpo_config(DPOConfig, spec, chosen, run_dir, cuda)
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype, attn_implementation="sdpa")
     peft_config = None
     if spec.lora:

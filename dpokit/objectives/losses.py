@@ -77,7 +77,7 @@ class LossParams:
             reward scale. ORPO: the weight lambda of the odds-ratio term. Must be > 0.
         label_smoothing: Assumed probability ``eps`` that a preference label is flipped. Used by
             ``sigmoid`` (conservative DPO), ``robust`` (rDPO, needs ``eps < 0.5``) and ``simpo``;
-            ignored by ``ipo``, ``hinge`` and ``orpo``. Must be in ``[0, 0.5]``.
+            ignored by ``ipo``, ``hinge`` and ``orpo``. Must be in ``[0, 0.5)`` (as `Config.validate`).
         ipo_length_normalize: ``ipo`` only. True: divide each response's log-ratio by its length
             before forming the margin (what TRL does and, per TRL, what the IPO authors used).
             False: use the summed log-ratios, as in the paper's equation.
@@ -93,8 +93,11 @@ class LossParams:
     def __post_init__(self) -> None:
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"loss beta must be a finite number > 0, got {self.beta}")
-        if not (0.0 <= self.label_smoothing <= 0.5):
-            raise ConfigError(f"loss label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        if not (0.0 <= self.label_smoothing < 0.5):  # the same bound as Config.validate
+            raise ConfigError(
+                f"loss label_smoothing must be in [0, 0.5), got {self.label_smoothing}: at 0.5 a label is a coin "
+                "flip (cDPO's loss no longer depends on the margin, and robust DPO divides by 1 - 2 eps = 0)"
+            )
         if not math.isfinite(self.simpo_gamma):
             raise ConfigError(f"loss simpo_gamma must be finite, got {self.simpo_gamma}")
 
@@ -308,14 +311,12 @@ def robust_loss(
     """Robust DPO (rDPO; Chowdhury et al. 2024, "Provably Robust DPO"): de-biased for label-flip rate eps.
 
     ``loss = [(1 - eps) * -log sigma(beta * h) - eps * -log sigma(-beta * h)] / (1 - 2 * eps)``
-    with ``eps = params.label_smoothing`` (must be < 0.5). Unlike cDPO the flipped-label term is
+    with ``eps = params.label_smoothing`` (< 0.5, checked by `LossParams`). Unlike cDPO the flipped-label term is
     SUBTRACTED, which makes the loss an unbiased estimate of the clean-label DPO loss; it can be
     negative. Same formula as TRL's ``loss_type="robust"``. Rewards: ``beta * (pi - ref)``.
     """
     ref_c, ref_r = _require_ref(ref_chosen_logps, ref_rejected_logps, "robust")
     eps = params.label_smoothing
-    if eps >= 0.5:
-        raise ConfigError(f"loss 'robust' needs label_smoothing < 0.5, got {eps}")
     logits = params.beta * ((policy_chosen_logps - ref_c) - (policy_rejected_logps - ref_r))  # (B,)
     clean = -(1.0 - eps) * F.logsigmoid(logits)  # (B,) loss if the label is right
     flipped = -eps * F.logsigmoid(-logits)  # (B,) loss if the label is flipped

@@ -497,3 +497,19 @@ def test_matches_trl_simpo(eps: float) -> None:
     torch.testing.assert_close(ours.losses, trl_losses, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.chosen_rewards, trl_chosen)
     torch.testing.assert_close(ours.rejected_rewards, trl_rejected)
+
+
+@pytest.mark.parametrize(("eps", "ok"), [(0.0, True), (0.25, True), (0.4999, True), (0.5, False), (-0.1, False)])
+def test_loss_params_and_config_agree_on_label_smoothing(eps: float, ok: bool) -> None:
+    """The config check and the loss's own check accept exactly the same label_smoothing values."""
+    from dpokit.config import Config
+
+    def accepted(check: object) -> bool:
+        try:
+            check()  # type: ignore[operator]
+        except ConfigError:
+            return False
+        return True
+
+    assert accepted(lambda: LossParams(label_smoothing=eps)) is ok
+    assert accepted(lambda: Config().override([f"loss.label_smoothing={eps}"]).validate()) is ok
