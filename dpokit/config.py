@@ -6,7 +6,7 @@ that name the key; `Config.validate()` checks values and cross-field rules. Over
 command line use the same dotted names: `train.lr=1e-5 loss.type=ipo`.
 
 Each field's `help` metadata is its documentation and is printed by `dpokit config`.
-Imports only the standard library and yaml.
+Imports only the standard library, yaml and `dpokit.resources` (the shipped presets).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dpokit import resources
 from dpokit.errors import ConfigError
 
 
@@ -205,7 +206,8 @@ class Config:
         return cls(**sections)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> Config:
+    def from_yaml(cls, path: str | Path, base: Config | None = None) -> Config:
+        """Read a YAML config; with ``base``, the file's keys replace base's key by key (`merge`)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -213,7 +215,27 @@ class Config:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if base is not None:
+            return base.merge(raw or {}, where=str(path))
         return cls.from_dict(raw or {}, where=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> Config:
+        """A shipped config by name (`resources.presets()`: demo, full, lora, tiny), wherever dpokit is installed."""
+        return cls.from_yaml(resources.preset_path(name))
+
+    def merge(self, raw: dict[str, Any], where: str = "config") -> Config:
+        """A new Config: this one with the keys present in ``raw`` (nested like a YAML file) replaced.
+
+        Keys absent from ``raw`` keep this config's values; a list value replaces the whole list.
+        Unknown sections or keys and wrong types are ConfigErrors naming ``where``.
+        """
+        overlay = Config.from_dict(raw, where=where)  # checks names and types against the schema
+        merged = self.to_dict()
+        for section, values in (raw or {}).items():
+            for key in values or {}:
+                merged[section][key] = getattr(getattr(overlay, section), key)
+        return Config.from_dict(merged, where=where)
 
     def override(self, assignments: list[str]) -> Config:
         """Apply `section.key=value` strings (values parsed as YAML scalars/lists); returns a new Config."""

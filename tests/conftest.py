@@ -24,12 +24,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow") or os.environ.get("DPOKIT_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow or DPOKIT_SLOW=1")
+    run_slow = config.getoption("--runslow") or os.environ.get("DPOKIT_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or DPOKIT_SLOW=1")
+    # CUDA-only tests carry the `gpu` marker and are skipped here, not each with its own skipif
+    has_cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if not run_slow and "slow" in item.keywords:
+            item.add_marker(skip_slow)
+        if not has_cuda and item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@
 
 The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, sec. 6.1), rebuilt offline:
 
-1. train LoRA DPO on ``data/reviews/pairs.jsonl`` (pairs the model sampled itself, labelled by the
-   VADER judge) with ``configs/demo.yaml``; a LoRA checkpoint is kept at the midpoint;
+1. train LoRA DPO on ``builtin:reviews/pairs.jsonl`` (pairs the model sampled itself, labelled by the
+   VADER judge) with the ``demo`` preset (``dpokit/assets/presets/demo.yaml``); a LoRA checkpoint is kept at the midpoint;
 2. sample one response per held-out prompt from the base model, the midpoint and the final model
    (same sampling settings and seed for all three) and measure, for each: the mean score of the
    labelling judge (vader, the ground-truth reward) and of a judge that labelled nothing
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -42,7 +41,7 @@ DEFAULT_OUT = "runs/demo"
 class DemoSettings:
     """What the demo samples and measures besides training (training itself is the YAML config).
 
-    The sampling defaults match the ones the shipped pairs were built with (data/reviews/README.md),
+    The sampling defaults match the ones the shipped pairs were built with (dpokit/assets/data/reviews/README.md),
     so the evaluation sees the same kind of text the preferences were expressed over.
     """
 
@@ -67,21 +66,6 @@ QUICK_OVERRIDES = ["train.max_steps=4", "train.micro_batch_size=2", "train.grad_
                    "train.warmup_steps=0"]  # fmt: skip
 QUICK_SETTINGS = {"n_prompts": 6, "max_new_tokens": 12, "examples": 2}
 QUICK_EVAL_PAIRS = 8
-
-
-@dataclass
-class Sample:
-    """One sampled response: the exact token ids the model drew, for scoring, and its text."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]  # generated tokens up to and including the first EOS (if it came)
-    text: str
-    finished: bool  # ended with EOS rather than at max_new_tokens
-
-    @property
-    def n_tokens(self) -> int:
-        """Response length in tokens, EOS not counted."""
-        return len(self.response_ids) - int(self.finished)
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -145,110 +129,6 @@ def materialize_base(name_or_path: str, log: Any = print) -> str:
     return str(target)
 
 
-# ---- sampling and scoring -----------------------------------------------------------------
-def sample_with_ids(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    batch_size: int = 64,
-) -> list[Sample]:
-    """One sample per prompt, keeping the token ids the model drew.
-
-    Same distribution as `dpokit.eval.sampling.sample_responses` (chat template, pure temperature +
-    top-p, no inherited top-k or penalties), but the KL estimate needs the exact sampled tokens:
-    re-tokenizing the decoded text can split words differently and loses where EOS came.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    from dpokit.eval.sampling import _eos_ids, _left_pad, render_prompt
-
-    rendered = [render_prompt(tokenizer, p) for p in prompts]
-    encoded = [tokenizer(text, add_special_tokens=add)["input_ids"] for text, add in rendered]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # little left-padding per batch
-    eos = _eos_ids(model, tokenizer)
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_beams=1,
-        use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
-    )  # fmt: skip
-    device = next(model.parameters()).device
-    out: list[Sample | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-            torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
-                generated = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
-                )
-                for row, i in enumerate(batch):
-                    new = generated[row, input_ids.shape[1] :].tolist()
-                    # pad == eos for many models: the response ends at the first EOS, whatever follows is padding
-                    end = next((k for k, t in enumerate(new) if t in eos), None)
-                    ids = new if end is None else new[: end + 1]
-                    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    out[i] = Sample(list(encoded[i]), ids, text, end is not None)
-    finally:
-        model.train(was_training)
-    return [s for s in out if s is not None]
-
-
-def sequence_logps_of_samples(model: Any, samples: Sequence[Sample], batch_size: int = 16) -> list[float]:
-    """Summed log-probs of each sample's response tokens under ``model`` (one forward per batch)."""
-    import torch
-
-    from dpokit.models.logps import sequence_logps
-
-    device = next(model.parameters()).device
-    pad = 0
-    result: list[float] = []
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            rows = [s.prompt_ids + s.response_ids for s in batch]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(rows), width), dtype=torch.long)
-            completion = torch.zeros((len(rows), width), dtype=torch.bool)
-            for k, (s, r) in enumerate(zip(batch, rows)):
-                ids[k, : len(r)] = torch.tensor(r)
-                attn[k, : len(r)] = 1
-                completion[k, len(s.prompt_ids) : len(r)] = True
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-            logps, _ = sequence_logps(logits, ids.to(device), completion.to(device))
-            result.extend(float(v) for v in logps.cpu())
-    return result
-
-
-def kl_estimate(policy: Any, samples: Sequence[Sample]) -> tuple[float, float]:
-    """(mean, standard error) over samples of sum_t [log pi(y_t) - log ref(y_t)]: the Monte-Carlo
-    estimate of the sequence-level KL(pi || ref). ``policy`` is a PEFT model; its reference is the
-    same model with the adapters disabled."""
-    pol = sequence_logps_of_samples(policy, samples)
-    with policy.disable_adapter():
-        ref = sequence_logps_of_samples(policy, samples)
-    diffs = [p - r for p, r in zip(pol, ref)]
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
-
-
-def win_rate(candidate: Sequence[float], baseline: Sequence[float]) -> float:
-    """Share of prompts where the candidate's response scores higher than the baseline's; ties count 1/2."""
-    if not candidate:
-        return float("nan")
-    wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline))
-    return wins / len(candidate)
-
-
 # ---- the pipeline -------------------------------------------------------------------------
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -263,7 +143,8 @@ def _eval_row(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
 
 
 def _subset_file(src: str, dst: Path, n: int) -> str:
-    lines = [line for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+    path = resources.resolve_builtin(src) if resources.is_builtin(src) else Path(src)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
     dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(dst)
 
@@ -311,14 +192,17 @@ def measure_stage(
     import contextlib
 
     from dpokit.eval.judges import get_judge
+    from dpokit.eval.sampling import generate_samples  # torch: loaded when the demo runs, not for `--help`
+    from dpokit.eval.scoring import kl_estimate, win_rate
 
     judges = [settings.judge, settings.second_judge]
     context = model.disable_adapter() if base is None else contextlib.nullcontext()
     with context:
-        samples = sample_with_ids(
-            model, tokenizer, prompts, settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
-            settings.gen_batch_size,
+        groups = generate_samples(
+            model, tokenizer, prompts, n=1, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+            top_p=settings.top_p, seed=settings.seed, batch_size=settings.gen_batch_size,
         )  # fmt: skip
+    samples = [group[0] for group in groups]
     texts = [s.text for s in samples]
     scores = {j: get_judge(j)(texts) for j in judges}
     if base is None:  # the reference itself: the log-ratio is 0 on every token

@@ -13,7 +13,7 @@ Rows use the conversational format for chat models (the format `dpokit.data` rea
 and plain strings for ``prompt`` / ``chosen`` / ``rejected`` for models without a chat template.
 
 CLI: ``dpokit pairs --model M --prompts P --judge J --out FILE`` (wired through
-`add_pairs_arguments` + `pairs_command`).
+`add_pairs_arguments` + `pairs_command`; its settings and their defaults: `PairsSettings`).
 """
 
 from __future__ import annotations
@@ -23,18 +23,44 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dpokit.data.files import read_prompts
 from dpokit.errors import DpokitError
 from dpokit.eval.judges import JUDGES, get_judge
-from dpokit.eval.sampling import sample_responses
 from dpokit.models import sources
-from dpokit.models.loading import resolve_dtype
 
 Judge = Callable[[Sequence[str]], list[float]]
+
+
+@dataclass
+class PairsSettings:
+    """What `dpokit pairs` reads and how it samples. The field defaults are the command's defaults,
+    written only here: `add_pairs_arguments` and `build_pairs` take theirs from these fields."""
+
+    model: str  # a model folder, .gguf file or alias (any `dpokit.models.sources` source)
+    prompts: str  # .jsonl with {"prompt": ...} lines, or .txt
+    out: str  # the JSONL file of preference pairs to write
+    judge: str = "vader"
+    n_samples: int = 4  # responses sampled per prompt
+    min_gap: float = 0.1  # minimum judge score gap to keep a pair
+    seed: int = 0
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16  # sequences generated together
+    limit: int | None = None  # use only the first N prompts
+    dtype: str = "auto"
+    device: str | None = None  # default: cuda if available
+    chunk_prompts: int = 64  # prompts per chunk; rows are written after each chunk
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+_LIBRARY_ONLY = {"chunk_prompts"}  # settings `dpokit pairs` has no option for
 
 
 @dataclass
@@ -143,13 +169,13 @@ def build_pairs(
     tokenizer: Any,
     prompts: Sequence[str],
     judge: str | Judge,
-    n_samples: int = 4,
-    min_gap: float = 0.1,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 16,
+    n_samples: int = PairsSettings.n_samples,
+    min_gap: float = PairsSettings.min_gap,
+    max_new_tokens: int = PairsSettings.max_new_tokens,
+    temperature: float = PairsSettings.temperature,
+    top_p: float = PairsSettings.top_p,
+    seed: int = PairsSettings.seed,
+    batch_size: int = PairsSettings.batch_size,
     conversational: bool | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], PairStats]:
@@ -157,6 +183,7 @@ def build_pairs(
 
     ``judge`` is a registered judge name (``"vader"``, ``"textblob"``) or any callable mapping a
     list of texts to scores. ``conversational`` defaults to whether the tokenizer has a chat template.
+    The sampling defaults are `PairsSettings`'s, those of `dpokit pairs`.
     """
     if n_samples < 2:
         raise DpokitError(f"building pairs needs n_samples >= 2, got {n_samples}")
@@ -166,11 +193,14 @@ def build_pairs(
     if conversational is None:
         conversational = bool(getattr(tokenizer, "chat_template", None))
 
+    from dpokit.eval.sampling import generate_samples  # torch: loaded when pairs are built, not for `--help`
+
     start = time.perf_counter()
-    responses = sample_responses(
+    samples = generate_samples(
         model, tokenizer, list(prompts), n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
     )  # fmt: skip
+    responses = [[s.text for s in group] for group in samples]
     flat = [text for group in responses for text in group]
     flat_scores = [float(s) for s in judge_fn(flat)] if flat else []
     if len(flat_scores) != len(flat):
@@ -208,27 +238,8 @@ def build_pairs(
 # ---- the `dpokit pairs` command -------------------------------------------------------------
 
 
-def run_pairs_command(
-    model: str,
-    prompts_file: str | Path,
-    judge: str,
-    out: str | Path,
-    n_samples: int = 4,
-    seed: int = 0,
-    max_new_tokens: int = 48,
-    limit: int | None = None,
-    min_gap: float = 0.1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-    dtype: str = "auto",
-    device: str | None = None,
-    chunk_prompts: int = 64,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> PairStats:
-    """Load ``model`` (any `dpokit.models.sources` source), build pairs for the prompts and write JSONL to ``out``.
+def run_pairs_command(settings: PairsSettings) -> PairStats:
+    """Load the model, build pairs for the prompts and write JSONL to ``settings.out``.
 
     Prompts are processed ``chunk_prompts`` at a time and rows are flushed after each chunk, so a long
     run that is interrupted keeps what it made. Chunk k samples with seed ``seed + k``. Prints a
@@ -236,38 +247,42 @@ def run_pairs_command(
     """
     import torch
 
-    judge_fn = get_judge(judge)  # fail on a bad judge name before the slow model load
-    prompts = read_prompts(prompts_file)
-    if limit is not None:
-        if limit < 1:
-            raise DpokitError(f"--limit must be >= 1, got {limit}")
-        prompts = prompts[:limit]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from dpokit.models.loading import resolve_dtype
+
+    st = settings
+    judge_fn = get_judge(st.judge)  # fail on a bad judge name before the slow model load
+    prompts = read_prompts(st.prompts)
+    if st.limit is not None:
+        if st.limit < 1:
+            raise DpokitError(f"--limit must be >= 1, got {st.limit}")
+        prompts = prompts[: st.limit]
+    device = st.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     load_start = time.perf_counter()
-    source = sources.resolve_source(model)
+    source = sources.resolve_source(st.model)
     lm = sources.load_model(
-        source, dtype=resolve_dtype(dtype, device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    ).to(device)
-    tokenizer = sources.load_tokenizer(source, trust_remote_code=trust_remote_code)
+        source, dtype=resolve_dtype(st.dtype, device), allow_pickle=st.allow_pickle,
+        trust_remote_code=st.trust_remote_code,
+    ).to(device)  # fmt: skip
+    tokenizer = sources.load_tokenizer(source, trust_remote_code=st.trust_remote_code)
     print(f"loaded {source} in {time.perf_counter() - load_start:.1f}s", file=sys.stderr)
 
-    out_path = Path(out)
+    out_path = Path(st.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    total = PairStats(judge=judge, min_gap=min_gap, n_samples=n_samples)
+    total = PairStats(judge=st.judge, min_gap=st.min_gap, n_samples=st.n_samples)
     bar = None
-    if progress:
+    if st.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="pairs", unit="prompt")
     try:
         with out_path.open("w", encoding="utf-8") as f:
-            for k, begin in enumerate(range(0, len(prompts), chunk_prompts)):
-                chunk = prompts[begin : begin + chunk_prompts]
+            for k, begin in enumerate(range(0, len(prompts), st.chunk_prompts)):
+                chunk = prompts[begin : begin + st.chunk_prompts]
                 rows, stats = build_pairs(
-                    lm, tokenizer, chunk, judge_fn, n_samples=n_samples, min_gap=min_gap,
-                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + k,
-                    batch_size=batch_size,
+                    lm, tokenizer, chunk, judge_fn, n_samples=st.n_samples, min_gap=st.min_gap,
+                    max_new_tokens=st.max_new_tokens, temperature=st.temperature, top_p=st.top_p, seed=st.seed + k,
+                    batch_size=st.batch_size,
                 )  # fmt: skip
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -287,33 +302,31 @@ def run_pairs_command(
 
 
 def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `dpokit pairs` options to ``parser``."""
-    parser.add_argument("--model", required=True, help="model folder, .gguf file or alias (smollm2-135m-instruct)")
-    parser.add_argument("--prompts", required=True, help='prompts: .jsonl with {"prompt": ...} lines, or .txt')
-    parser.add_argument("--judge", default="vader", choices=sorted(JUDGES), help="sentiment judge (default: vader)")
-    parser.add_argument("--out", required=True, help="output JSONL file of preference pairs")
-    parser.add_argument("--n-samples", type=int, default=4, help="responses sampled per prompt (default: 4)")
-    parser.add_argument("--min-gap", type=float, default=0.1, help="minimum judge score gap to keep a pair")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin weights")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    """Add the `dpokit pairs` options to ``parser``; each ``dest`` is the `PairsSettings` field it sets."""
+    d = PairsSettings  # the class: its attributes are the field defaults
+    add = parser.add_argument
+    add("--model", required=True, help="model folder, .gguf file or alias (smollm2-135m-instruct)")
+    add("--prompts", required=True, help='prompts: .jsonl with {"prompt": ...} lines, or .txt')
+    add("--judge", default=d.judge, choices=sorted(JUDGES), help=f"sentiment judge (default: {d.judge})")
+    add("--out", required=True, help="output JSONL file of preference pairs")
+    add("--n-samples", type=int, default=d.n_samples, help=f"responses sampled per prompt (default: {d.n_samples})")
+    add("--min-gap", type=float, default=d.min_gap, help=f"minimum judge score gap for a pair (default: {d.min_gap})")
+    add("--seed", type=int, default=d.seed)
+    add("--max-new-tokens", type=int, default=d.max_new_tokens)
+    add("--temperature", type=float, default=d.temperature)
+    add("--top-p", type=float, default=d.top_p)
+    add("--batch-size", type=int, default=d.batch_size, help=f"sequences generated together (default: {d.batch_size})")
+    add("--limit", type=int, default=d.limit, help="use only the first N prompts")
+    add("--dtype", default=d.dtype, help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
+    add("--device", default=d.device, help="cpu or cuda (default: cuda if available)")
+    add("--allow-pickle", action="store_true", default=d.allow_pickle, help="allow loading pytorch_model.bin weights")
+    add("--trust-remote-code", action="store_true", default=d.trust_remote_code)
+    add("--no-progress", dest="progress", action="store_false", default=d.progress, help="no progress bar")
 
 
 def pairs_command(args: argparse.Namespace) -> int:
     """Run `dpokit pairs` from parsed arguments; returns the exit status."""
-    run_pairs_command(
-        model=args.model, prompts_file=args.prompts, judge=args.judge, out=args.out, n_samples=args.n_samples,
-        seed=args.seed, max_new_tokens=args.max_new_tokens, limit=args.limit, min_gap=args.min_gap,
-        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, dtype=args.dtype,
-        device=args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    # every settings field but the library-only ones has an option of the same dest
+    given = {f.name: getattr(args, f.name) for f in fields(PairsSettings) if f.name not in _LIBRARY_ONLY}
+    run_pairs_command(PairsSettings(**given))
     return 0

@@ -8,7 +8,7 @@ shift in sentiment after training comes from the preference data, not from the p
 
 Prompts are built from the project's own templates (genre x setting x focus x length x phrasing),
 sampled without replacement by a seeded RNG, so ``write_prompt_files(dir, seed=0)`` regenerates the
-shipped ``data/reviews/*.jsonl`` byte for byte.
+shipped ``dpokit/assets/data/reviews/*.jsonl`` byte for byte.
 
     python -m dpokit.apps.prompts dpokit/assets/data/reviews --seed 0
 """
@@ -123,7 +123,7 @@ def write_prompt_files(
 ) -> tuple[Path, Path]:
     """Write ``train_prompts.jsonl`` and ``eval_prompts.jsonl`` ({"prompt": ...} per line) to out_dir.
 
-    With the defaults this reproduces the shipped ``data/reviews`` files exactly.
+    With the defaults this reproduces the shipped ``dpokit/assets/data/reviews`` files exactly.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Sampling responses from a causal LM: chat-templated, batched, left-padded, reproducible.
 
-Used by `dpokit pairs` (AI-feedback pair building) and by evaluation code that needs samples.
+`generate_samples` is the one sampler: `dpokit pairs` (AI-feedback pair building) keeps the texts,
+`dpokit demo` also scores the exact token ids (`dpokit.eval.scoring`).
 Sampling is pure temperature + nucleus (top-p): the model's own ``generation_config`` sampling
 defaults (top_k=50, repetition penalties...) are deliberately not inherited, so the same call gives
 the same distribution whatever folder the model came from. Only its EOS ids are taken from it.
@@ -9,6 +10,7 @@ the same distribution whatever folder the model came from. Only its EOS ids are 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dpokit.errors import DpokitError
@@ -68,11 +70,30 @@ def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int, temperat
     )
 
 
-def sample_responses(
+@dataclass
+class Sample:
+    """One sampled response: the exact token ids the model drew (for scoring) and its text.
+
+    The ids matter beyond the text: re-tokenizing decoded text can split words differently and
+    loses where EOS came, so log-probs of a sample are taken over ``prompt_ids + response_ids``.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # generated tokens up to and including the first EOS (if it came)
+    text: str  # response_ids decoded without special tokens, surrounding whitespace stripped
+    finished: bool  # ended with EOS rather than at max_new_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        """Response length in tokens, EOS not counted."""
+        return len(self.response_ids) - int(self.finished)
+
+
+def generate_samples(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
-    n: int = 2,
+    n: int = 1,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -80,12 +101,11 @@ def sample_responses(
     batch_size: int = 16,
     top_k: int = 0,
     progress: bool = False,
-) -> list[list[str]]:
-    """Sample ``n`` responses for every prompt; returns ``responses[i][j]`` for prompt i, sample j.
+) -> list[list[Sample]]:
+    """Sample ``n`` responses for every prompt; returns ``samples[i][j]`` for prompt i, sample j.
 
     Sequences (prompt x sample) are generated ``batch_size`` at a time, left-padded, under
-    ``torch.inference_mode`` with the KV cache. Only the newly generated tokens are decoded, with
-    special tokens stripped and surrounding whitespace removed. ``temperature == 0`` means greedy.
+    ``torch.inference_mode`` with the KV cache. ``temperature == 0`` means greedy.
 
     Deterministic for a given seed, batch_size and prompt list (on the same device and dtype); the
     global torch RNG is left as it was.
@@ -97,45 +117,55 @@ def sample_responses(
     if batch_size < 1:
         raise DpokitError("batch_size must be >= 1")
     gen_config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, top_k)
+    eos = set(_eos_ids(model, tokenizer))
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     encoded = [tokenizer(text, add_special_tokens=add)["input_ids"] for text, add in rendered]
     # One job per (prompt, sample). Sorting by prompt length keeps padding (wasted compute) small;
     # the stable sort keeps the order, and so the result, deterministic.
     jobs = sorted(((i, j) for i in range(len(prompts)) for j in range(n)), key=lambda ij: len(encoded[ij[0]]))
+    batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
 
     device = next(model.parameters()).device
-    out: list[list[str]] = [[""] * n for _ in prompts]
+    out: list[list[Sample | None]] = [[None] * n for _ in prompts]
     was_training = model.training
     model.eval()
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="sampling", unit="seq")
-    fork_devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+        # fork_rng: the seed applies to this call only, the caller's RNG stream is untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
             torch.manual_seed(seed)
-            for start in range(0, len(jobs), batch_size):
-                batch = jobs[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([encoded[i] for i, _ in batch], tokenizer.pad_token_id)
-                generated = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=gen_config,
-                )
-                new_tokens = generated[:, input_ids.shape[1] :]
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for (i, j), text in zip(batch, texts):
-                    out[i][j] = text.strip()
+            for batch in batches:
+                rows = [encoded[i] for i, _ in batch]
+                for (i, j), sample in zip(batch, _generate_batch(model, tokenizer, rows, gen_config, eos)):
+                    out[i][j] = sample
                 if bar is not None:
                     bar.update(len(batch))
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
-    return out
+    return [[s for s in group if s is not None] for group in out]
+
+
+def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], gen_config: Any, eos: set[int]) -> list[Sample]:
+    """One ``generate`` call over left-padded prompt rows; a `Sample` per row."""
+    input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    generated = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+    )
+    samples = []
+    for prompt_ids, new_row in zip(rows, generated[:, input_ids.shape[1] :].tolist()):
+        # pad == eos for many models: the response ends at the first EOS, whatever follows is padding
+        end = next((k for k, t in enumerate(new_row) if t in eos), None)
+        ids = new_row if end is None else new_row[: end + 1]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        samples.append(Sample(list(prompt_ids), ids, text, end is not None))
+    return samples
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

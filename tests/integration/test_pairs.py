@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 from dpokit.apps import prompts as review_prompts
-from dpokit.apps.pairs import add_pairs_arguments, build_pairs, pairs_command, select_pair
+from dpokit.apps.pairs import PairsSettings, add_pairs_arguments, build_pairs, pairs_command, select_pair
 from dpokit.data.files import read_prompts
 from dpokit.errors import DataError, DpokitError
-from dpokit.eval.sampling import render_prompt, sample_responses
+from dpokit.eval.sampling import generate_samples, render_prompt
 from tests.conftest import REVIEWS
 
 transformers = pytest.importorskip("transformers")
@@ -71,12 +72,18 @@ def tiny_lm():
 # ---- generation -----------------------------------------------------------------------------
 
 
+def sample_texts(*args, **kwargs) -> list[list[str]]:
+    """The texts of `generate_samples`, the part `build_pairs` uses."""
+    return [[s.text for s in group] for group in generate_samples(*args, **kwargs)]
+
+
+
 def test_sample_responses_shape_and_determinism(tiny_lm):
     model, tok = tiny_lm
     kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.95, batch_size=4)
-    a = sample_responses(model, tok, PROMPTS, seed=1, **kwargs)
-    b = sample_responses(model, tok, PROMPTS, seed=1, **kwargs)
-    c = sample_responses(model, tok, PROMPTS, seed=2, **kwargs)
+    a = sample_texts(model, tok, PROMPTS, seed=1, **kwargs)
+    b = sample_texts(model, tok, PROMPTS, seed=1, **kwargs)
+    c = sample_texts(model, tok, PROMPTS, seed=2, **kwargs)
     assert a == b and a != c
     assert len(a) == len(PROMPTS) and all(len(group) == 3 for group in a)
     for text in (t for group in a for t in group):
@@ -86,7 +93,7 @@ def test_sample_responses_shape_and_determinism(tiny_lm):
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
-    sample_responses(model, tok, PROMPTS[:1], seed=5, n=2, max_new_tokens=3)
+    sample_texts(model, tok, PROMPTS[:1], seed=5, n=2, max_new_tokens=3)
     assert torch.equal(torch.rand(1), expected)
 
 
@@ -94,10 +101,27 @@ def test_left_padded_batches_match_single_sequences(tiny_lm):
     """Greedy outputs must not depend on batching: left padding + attention mask are right."""
     model, tok = tiny_lm
     prompts = ["Write a review.", "Review the plot and the acting of a boring film with a happy ending and fun."]
-    one = sample_responses(model, tok, prompts, n=1, max_new_tokens=8, temperature=0, batch_size=1)
-    batched = sample_responses(model, tok, prompts, n=1, max_new_tokens=8, temperature=0, batch_size=8)
+    one = sample_texts(model, tok, prompts, n=1, max_new_tokens=8, temperature=0, batch_size=1)
+    batched = sample_texts(model, tok, prompts, n=1, max_new_tokens=8, temperature=0, batch_size=8)
     assert one == batched
     assert any(group[0] for group in one)
+
+
+def test_samples_keep_the_drawn_ids(tiny_lm):
+    """Each `Sample` holds the prompt as fed, the drawn tokens up to the first EOS, and their text."""
+    model, tok = tiny_lm
+    groups = generate_samples(model, tok, PROMPTS, n=2, max_new_tokens=10, temperature=1.0, seed=3, batch_size=4)
+    assert [len(g) for g in groups] == [2] * len(PROMPTS)
+    eos = tok.eos_token_id
+    for prompt, group in zip(PROMPTS, groups):
+        for s in group:
+            assert s.prompt_ids == tok(render_prompt(tok, prompt)[0], add_special_tokens=False)["input_ids"]
+            assert eos not in s.response_ids[:-1] and s.finished == (s.response_ids[-1:] == [eos])
+            assert len(s.response_ids) == 10 or s.finished  # stopped early only at EOS
+            assert s.n_tokens == len(s.response_ids) - int(s.finished)
+            assert s.text == tok.decode(s.response_ids, skip_special_tokens=True).strip()
+    with pytest.raises(DpokitError, match=">= 1"):
+        generate_samples(model, tok, PROMPTS, n=0)
 
 
 def test_render_prompt_uses_chat_template(tiny_lm):
@@ -175,6 +199,16 @@ def test_pairs_command_end_to_end(tiny_lm, tmp_path, capsys):
     assert 1 <= len(lines) <= 4
     assert all(r["chosen_score"] - r["rejected_score"] >= 0.1 for r in lines)
     assert "prompts kept as pairs" in capsys.readouterr().out
+
+
+def test_pairs_options_default_to_the_settings():
+    """The CLI's defaults are `PairsSettings`'s, and its options fill every field the CLI has."""
+    parser = argparse.ArgumentParser()
+    add_pairs_arguments(parser)
+    args = vars(parser.parse_args(["--model", "m", "--prompts", "p.jsonl", "--out", "o.jsonl"]))
+    settings = asdict(PairsSettings(model="m", prompts="p.jsonl", out="o.jsonl"))
+    assert args == {k: v for k, v in settings.items() if k in args}
+    assert set(settings) - set(args) == {"chunk_prompts"}  # library-only
 
 
 def test_read_prompts_errors(tmp_path):

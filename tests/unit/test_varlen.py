@@ -126,7 +126,7 @@ def test_real_kernel_signature_is_one_we_handle() -> None:
     assert "is_causal" in params or "window_size" in params
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_flash_equals_reference_on_cuda() -> None:
     """On a GPU: the flash kernel equals the per-segment SDPA path, forward and backward (bf16)."""
     pairs = [TokenizedPair(index=i, prompt_ids=list(range(1, 40 + 7 * i)), chosen_ids=list(range(3, 20 + 5 * i)),
@@ -152,7 +152,7 @@ def test_flash_equals_reference_on_cuda() -> None:
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_model_varlen_equals_padded_on_cuda(tiny_model_dir) -> None:  # noqa: ANN001
     """On a GPU, bf16: a tiny Llama on the flash varlen path (packing + prefix sharing) gives the
     padded SDPA path's sequence log-probs, within bf16 tolerance."""
