@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:  # lazy public API (PEP 562)
 
         return getattr(losses, name)
     if name == "train":
-        from dpokit.train.loop import train
+        from dpokit.training.loop import train
 
         return train
     if name == "evaluate":

@@ -12,9 +12,10 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from dpokit import resources
-from dpokit.config import Config
+from dpokit.config import Config, trl_hint
 from dpokit.errors import ConfigError, DpokitError
 
 
@@ -52,14 +53,18 @@ def _validated(cfg: Config, path: str | None, overrides: list[str], preset: str 
 def cmd_train(args: argparse.Namespace) -> int:
     config, overrides = _split_config_arg(args.config, args.overrides)
     if config is None and args.preset is None:
+        misplaced = f" (`{overrides[0]}` is an override, not a config file: overrides come after it)" if overrides else ""
         raise ConfigError(
-            "dpokit train needs a config: a YAML file (`dpokit config > my.yaml` writes one), "
-            f"--preset NAME (one of: {', '.join(resources.presets())}), or a preset and a YAML file over it"
+            f"dpokit train needs a config{misplaced}: a YAML file (`dpokit config > my.yaml` writes one), "
+            f"--preset NAME (one of: {', '.join(resources.presets())}), or a preset and a YAML file over it; "
+            "e.g. `dpokit train --preset tiny train.lr=1e-5`"
         )
-    from dpokit.train.loop import train
+    from dpokit.training.loop import train
 
     cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
     result = train(cfg)
+    if result.already_complete:  # train.resume=auto on a finished run: the message was printed
+        return 0
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
         again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
         base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
@@ -115,6 +120,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`dpokit export MODEL_DIR --gguf OUT.gguf [--type f16|q8_0]`."""
+    from dpokit.models.export import export_gguf
+
+    export_gguf(args.model_dir, args.gguf, args.type)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """`dpokit demo`, where --preset NAME stands for --config <that preset's file>."""
     from dpokit.apps import demo
@@ -127,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    p = _Parser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -160,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="section.key=value overrides")
     c.set_defaults(func=cmd_config)
 
+    x = sub.add_parser("export", help="write a trained llama-family folder (full model or LoRA adapter) as a GGUF file")
+    x.add_argument("model_dir", metavar="MODEL_DIR", help="a dpokit output folder: full model, or LoRA adapter (merged)")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    x.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="tensor type of the weights (default f16)")
+    x.set_defaults(func=cmd_export)
+
     _add_optional_commands(sub)
     return p
 
@@ -177,10 +196,26 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     dp.set_defaults(func=cmd_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a "did you mean train.lr" hint when a refused option is a TRL argument name."""
+
+    def error(self, message: str) -> NoReturn:
+        if "unrecognized arguments" in message:
+            hints = [f"{a.split('=', 1)[0]}{trl_hint(a)}" for a in message.split(":", 1)[1].split() if trl_hint(a)]
+            if hints:
+                message += "; " + "; ".join(hints)
+        super().error(message)
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """(argv without `--debug`, whether it was there): --debug is accepted anywhere, also after the subcommand."""
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get("DPOKIT_DEBUG") == "1"
+    argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get("DPOKIT_DEBUG") == "1"
+    args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)

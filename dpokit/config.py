@@ -36,7 +36,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     name_or_path: str = _f(
         "smollm2-135m-instruct",
-        "local Hugging Face folder, a .gguf file, or an alias (smollm2-135m-instruct, tiny-random-llama)",
+        "local Hugging Face folder, a .gguf file, an alias (smollm2-135m-instruct, tiny-random-llama), or a "
+        "Hugging Face Hub id org/name[@revision], downloaded into the Hub cache (HF_HUB_OFFLINE=1: cache only)",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "weight dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU"
@@ -53,8 +54,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = _f(["builtin:toy/train.jsonl"], "training files, globs or folders (jsonl/json/parquet/csv/save_to_disk)")
+    train_files: list[str] = _f(
+        ["builtin:toy/train.jsonl"],
+        "training files, globs or folders (jsonl/json/parquet/csv/save_to_disk), or Hugging Face Hub datasets "
+        "org/name[@revision] (or hub:org/name) when no such local path exists",
+    )
     eval_files: list[str] = _f([], "held-out files evaluated every train.eval_every steps and at the end")
+    train_split: str = _f("train", "the split of Hub datasets in train_files")
+    eval_split: str = _f("test", "the split of Hub datasets in eval_files")
+    subset: str | None = _f(None, "Hub dataset subset (a config of its README, or a top-level folder); null = default")
+    eval_fraction: float = _f(
+        0.0,
+        "when > 0 and eval_files is empty: hold out this fraction of the training rows (chosen per row before "
+        "tokenizing, seeded by train.seed) as the eval split",
+    )
+    train_weights: list[float] = _f(
+        [],
+        "mixture weights, one per train_files entry (empty = all 1): entry i contributes round(w * its rows) rows, "
+        "seeded by train.seed; w > 1 repeats rows, w < 1 subsamples, 0 leaves the entry out",
+    )
+    columns: dict[str, str] = _f(
+        {},
+        "rename dataset columns, dpokit name: column, e.g. {prompt: question, chosen: response_j, rejected: "
+        "response_k}; applied to every row (files and Hub datasets) before validation",
+    )
     format: Literal["auto", "standard", "conversational", "implicit"] = _f(
         "auto", "row format; auto detects prompt/chosen/rejected strings, message lists, or implicit prompt"
     )
@@ -64,6 +87,12 @@ class DataConfig:
         "keep_end", "which end of an over-long prompt to keep (keep_end keeps the last turns)"
     )
     on_bad_row: Literal["error", "skip"] = _f("error", "a malformed row stops the run (error) or is skipped and counted")
+    num_proc: int = _f(1, "processes that tokenize (chunks of rows; the same pairs as with 1)")
+    cache_tokenized: bool = _f(
+        True,
+        "cache tokenized pairs on disk ($DPOKIT_CACHE/tokenized, else ~/.cache/dpokit/tokenized), keyed by the "
+        "tokenizer, the rows and the settings; a later run with the same inputs skips tokenizing",
+    )
     pad_to_multiple_of: int = _f(8, "pad batch length up to a multiple of this (0 = no rounding)")
     group_by_length: bool = _f(
         True,
@@ -137,6 +166,18 @@ class LoraConfig:
     merge: bool = _f(False, "also save a merged full model (output_dir/merged)")
 
 
+# Loggers `train.report_to` accepts besides metrics.jsonl; each is an optional extra
+# (pip install 'dpokit[NAME]'). `dpokit.training.metrics.register_backend` adds to it (config sits below
+# the loggers and must not import them); tests/unit/test_loggers.py checks it equals metrics.BACKENDS.
+REPORT_TO: set[str] = {"tensorboard", "trackio", "wandb"}
+
+
+def _is_repo_id(text: str) -> bool:
+    """A Hugging Face Hub repo id: NAME or ORG/NAME of letters, digits, '-', '_' and '.'."""
+    parts = text.split("/")
+    return len(parts) <= 2 and all(p and all(c.isalnum() or c in "-_." for c in p) for p in parts)
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/dpo", "where the model, tokenizer, config and metrics.jsonl are written")
@@ -167,8 +208,16 @@ class TrainConfig:
     max_bad_steps: int = _f(
         5, "consecutive steps with a non-finite loss or gradient (each skipped) before the run stops"
     )
-    report_to: list[str] = _f([], "extra loggers: tensorboard")
+    report_to: list[str] = _f(
+        [],
+        "extra loggers besides metrics.jsonl: tensorboard, trackio, wandb (offline without WANDB_API_KEY); "
+        "each needs its extra: pip install 'dpokit[NAME]'",
+    )
     progress_bar: bool = _f(True, "show a progress bar (step, loss, accuracy, ETA)")
+    push_to_hub: bool = _f(
+        False, "after the final save, upload output_dir (model, card, metrics; not checkpoints) to train.hub_model_id"
+    )
+    hub_model_id: str | None = _f(None, "the Hub repo train.push_to_hub uploads to: ORG/NAME, or NAME in your namespace")
 
 
 SECTIONS: dict[str, type] = {
@@ -244,7 +293,9 @@ class Config:
             key, sep, text = item.partition("=")
             parts = key.strip().split(".")
             if not sep or len(parts) != 2:
-                raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-5)")
+                raise ConfigError(
+                    f"override '{item}' must look like section.key=value (e.g. train.lr=1e-5){trl_hint(key)}"
+                )
             section, name = parts
             if section not in SECTIONS:
                 raise ConfigError(f"override '{item}': unknown section '{section}'{_suggest(section, SECTIONS)}")
@@ -268,7 +319,7 @@ class Config:
             for f in dataclasses.fields(section_cls):
                 value = yaml.safe_dump({f.name: getattr(section, f.name)}, default_flow_style=True, width=1000)
                 value = value.strip()[1:-1]  # strip the braces of the one-key flow mapping
-                comment = f"  # {f.metadata['help']}" if commented else ""
+                comment = f"  # {f.metadata['help']}{_choices(section_cls, f.name)}" if commented else ""
                 lines.append(f"  {value}{comment}")
             lines.append("")
         return "\n".join(lines)
@@ -304,6 +355,7 @@ class Config:
                 "model.attn_implementation=varlen is for packed batches: set data.packing and/or data.prefix_sharing",
             ),
             (len(d.train_files) > 0, "data.train_files is empty: give at least one file"),
+            *_data_checks(d),
             (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
             (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
@@ -324,7 +376,16 @@ class Config:
                 self.reference.mode != "adapter" or lora.enabled,
                 "reference.mode=adapter needs lora.enabled=true (the reference is the base with adapters off)",
             ),
-            (set(t.report_to) <= {"tensorboard"}, f"train.report_to: unknown logger in {t.report_to}; known: tensorboard"),
+            (
+                set(t.report_to) <= REPORT_TO,
+                f"train.report_to: unknown logger in {t.report_to}; known: {', '.join(sorted(REPORT_TO))}",
+            ),
+            (not t.push_to_hub or bool(t.hub_model_id), "train.push_to_hub needs train.hub_model_id (the Hub repo, ORG/NAME)"),
+            (
+                t.hub_model_id is None or _is_repo_id(t.hub_model_id),
+                f"train.hub_model_id {t.hub_model_id!r} is not a Hub repo id: ORG/NAME or NAME "
+                "(letters, digits, '-', '_', '.')",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -335,9 +396,84 @@ class Config:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
+    """Config.validate's checks of the data keys that choose rows and read Hub datasets."""
+    weights, names = d.train_weights, list(d.columns.values())
+    return [
+        (bool(d.train_split.strip()) and bool(d.eval_split.strip()), "data.train_split and data.eval_split must be names"),
+        (0.0 <= d.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (
+            d.eval_fraction == 0 or not d.eval_files,
+            "data.eval_fraction holds out training rows only when data.eval_files is empty; set one of the two",
+        ),
+        (
+            not weights or len(weights) == len(d.train_files),
+            f"data.train_weights has {len(weights)} weights for {len(d.train_files)} data.train_files entries; "
+            "give one per entry, or none",
+        ),
+        (all(0 <= w < float("inf") for w in weights), "data.train_weights must be finite and >= 0"),
+        (not weights or sum(weights) > 0, "data.train_weights are all 0: no training rows would be left"),
+        (d.num_proc >= 1, "data.num_proc must be >= 1"),
+        (
+            set(d.columns) <= {"prompt", "chosen", "rejected"},
+            f"data.columns: unknown name(s) {sorted(set(d.columns) - {'prompt', 'chosen', 'rejected'})}; its keys "
+            "are dpokit's names (prompt, chosen, rejected), its values the dataset's columns",
+        ),
+        (all(n.strip() for n in names) and len(set(names)) == len(names), "data.columns: each name needs its own column"),
+    ]
+
+
+# TRL / transformers TrainingArguments names a user moving from TRL types, and dpokit's key for each
+# (`key=value` overrides, YAML keys and `--flag` arguments written the TRL way get "did you mean").
+TRL_NAMES: dict[str, str] = {
+    "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype", "dtype": "model.dtype",
+    "attn_implementation": "model.attn_implementation", "trust_remote_code": "model.trust_remote_code",
+    "dataset_name": "data.train_files", "dataset_train_split": "data.train_split",
+    "dataset_test_split": "data.eval_split", "dataset_config": "data.subset",
+    "max_length": "data.max_length", "max_prompt_length": "data.max_prompt_length",
+    "truncation_mode": "data.truncation_mode", "padding_free": "data.packing", "group_by_length": "data.group_by_length",
+    "beta": "loss.beta", "loss_type": "loss.type", "label_smoothing": "loss.label_smoothing",
+    "rpo_alpha": "loss.nll_weight", "simpo_gamma": "loss.simpo_gamma",
+    "ref_model": "reference.name_or_path", "precompute_ref_log_probs": "reference.precompute",
+    "use_peft": "lora.enabled", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "output_dir": "train.output_dir", "overwrite_output_dir": "train.overwrite", "max_steps": "train.max_steps",
+    "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps", "per_device_eval_batch_size": "train.eval_batch_size",
+    "learning_rate": "train.lr", "optim": "train.optimizer", "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps", "lr_scheduler_type": "train.scheduler", "max_grad_norm": "train.max_grad_norm",
+    "seed": "train.seed", "bf16": "train.mixed_precision=bf16", "gradient_checkpointing": "train.gradient_checkpointing",
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_checkpoints", "resume_from_checkpoint": "train.resume", "report_to": "train.report_to",
+    "disable_tqdm": "train.progress_bar=false", "push_to_hub": "train.push_to_hub", "hub_model_id": "train.hub_model_id",
+}  # fmt: skip
+
+
+def trl_hint(name: str) -> str:
+    """" (did you mean train.lr?)" for a TRL argument name (with or without dashes), else ""."""
+    key = name.strip().lstrip("-").replace("-", "_").split("=", 1)[0].split(".")[-1]
+    return f" (did you mean {TRL_NAMES[key]}? dpokit names keys section.key: see `dpokit config`)" if key in TRL_NAMES else ""
+
+
 def _suggest(name: str, choices: Any) -> str:
+    hint = trl_hint(name)
+    if hint:
+        return hint
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+
+
+def _choices(section_cls: type, name: str) -> str:
+    """" [one of: a, b, c]" for a key with a fixed set of values (a Literal, or loss.type's registry)."""
+    if section_cls is LossConfig and name == "type":
+        values = sorted(LOSS_TYPES)
+    else:
+        hint = typing.get_type_hints(section_cls)[name]
+        options = [hint] + list(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+        values = [v for o in options if typing.get_origin(o) is Literal for v in typing.get_args(o)]
+        if values and bool in options:  # e.g. data.prefix_sharing: true | false | auto
+            values = ["true", "false", *values]
+    return f" [one of: {', '.join(map(str, values))}]" if values else ""
 
 
 def _build_section(cls: type, value: Any, section: str, where: str) -> Any:
@@ -373,6 +509,10 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, args[0], f"{key} key", where): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):  # a single file is a list of one
             value = [value]

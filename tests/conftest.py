@@ -36,6 +36,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """dpokit's caches (tokenized pairs, reference log-probs, materialised models) go to a folder of
+    this test session, not the user's ~/.cache/dpokit, unless DPOKIT_CACHE is set already."""
+    if "DPOKIT_CACHE" not in os.environ:
+        os.environ["DPOKIT_CACHE"] = str(tmp_path_factory.mktemp("dpokit_cache"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

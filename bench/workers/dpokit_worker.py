@@ -2,7 +2,7 @@
 
     python -m bench.workers.dpokit_worker '<Spec JSON>'
 
-Runs dpokit's own `train()` unchanged, observed through the loop's hooks (`dpokit.train.hooks`):
+Runs dpokit's own `train()` unchanged, observed through the loop's hooks (`dpokit.training.hooks`):
 * `on_setup`: the batch layout and attention kernel the `auto` settings resolved to;
 * `on_micro_batch`: each micro-batch's prompt/chosen/rejected token counts;
 * `on_step_end`: a wall timestamp per optimizer step, taken after the step's metrics row (with
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpokit.train.hooks import Hook  # light: the heavy modules load inside run(), inside the timed wall
+from dpokit.training.hooks import Hook  # light: the heavy modules load inside run(), inside the timed wall
 
 T_START = time.perf_counter()
 
@@ -84,7 +84,7 @@ def run(spec: Any) -> dict[str, Any]:
     from bench.workers import prepare
     from dpokit.config import Config
     from dpokit.objectives.dpo import reference_mode
-    from dpokit.train.loop import train
+    from dpokit.training.loop import train
 
     cuda, run_dir, rows = prepare(spec)
     data_file = run_dir / "pairs.jsonl"

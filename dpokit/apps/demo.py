@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -94,41 +93,6 @@ def build_config(settings: DemoSettings, out: Path) -> Config:
     return cfg.validate()
 
 
-def materialize_base(name_or_path: str, log: Any = print) -> str:
-    """A plain Hugging Face folder for the model: GGUF sources are dequantized once and cached.
-
-    Dequantizing the GGUF file takes ~20 s on a CPU and the demo needs the model three times
-    (training, evaluation, and any later run), while a safetensors folder loads in about a second.
-    Other sources are returned unchanged.
-    """
-    import os
-
-    from dpokit.models import sources
-
-    source = sources.resolve_source(name_or_path)
-    if source.kind != "gguf":
-        return name_or_path
-    cache = Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "models"
-    gguf = source.location
-    stat = gguf.stat()
-    # the file's name, size and mtime: a changed GGUF gets a new folder instead of stale weights
-    target = cache / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-hf"
-    if (target / "config.json").is_file():
-        return str(target)
-    start = time.perf_counter()
-    model = sources.load_model(source)
-    tokenizer = sources.load_tokenizer(source)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{target.name}.tmp-{os.getpid()}"
-    sources.save_pretrained_clean(model, tokenizer, tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"converted {name_or_path} to a safetensors folder {target} in {time.perf_counter() - start:.0f}s (once)")
-    return str(target)
-
-
 # ---- the pipeline -------------------------------------------------------------------------
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -149,20 +113,20 @@ def _subset_file(src: str, dst: Path, n: int) -> str:
     return str(dst)
 
 
-def _load_lora_model(base_dir: str, cfg: Config) -> tuple[Any, Any]:
+def _load_lora_model(base: str, cfg: Config) -> tuple[Any, Any]:
     """The base model wrapped with freshly initialised LoRA layers (weights are loaded per stage)."""
     from dpokit.models.loading import apply_lora, load_model_and_tokenizer, resolve_dtype
 
     dtype = resolve_dtype(cfg.model.dtype)
     # it generates (left-padded prompts): plain SDPA with transformers' own masks, never varlen
     cfg = cfg.override(["model.attn_implementation=sdpa"])
-    model, tokenizer = load_model_and_tokenizer(base_dir, cfg, dtype)
+    model, tokenizer = load_model_and_tokenizer(base, cfg, dtype)
     return apply_lora(model, cfg), tokenizer
 
 
 def _load_stage_weights(model: Any, model_dir: Path, step: int, final: bool) -> None:
     """Put the LoRA weights of the midpoint checkpoint or of the final adapter into ``model``."""
-    from dpokit.train import checkpoint as ckpt
+    from dpokit.training import checkpoint as ckpt
 
     if final:
         import peft
@@ -229,7 +193,8 @@ def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
 
     from dpokit.apps import report
     from dpokit.data.files import read_prompts
-    from dpokit.train.loop import train
+    from dpokit.models import sources
+    from dpokit.training.loop import train
 
     wall = time.perf_counter()
     out = Path(settings.out)
@@ -243,13 +208,14 @@ def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    base_dir = materialize_base(cfg.model.name_or_path, log=log)
+    # a GGUF base is dequantized once into a cached folder, which every later load reuses; timed apart
+    sources.materialize_gguf(cfg.model.name_or_path, log=log)
     timings["prepare model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    train_cfg = cfg.override([f"model.name_or_path={base_dir}"])
+    # trained under the name the user gave (the model card names it), loaded from the same folder
     log(f"[demo] training {cfg.model.name_or_path} with LoRA DPO: {cfg.train.max_steps} steps -> {out / 'model'}")
-    result = train(train_cfg)
+    result = train(cfg)
     if result.stopped_by:
         raise DpokitError(f"training was stopped at step {result.steps}; the demo is incomplete")
     timings["train"] = time.perf_counter() - t0
@@ -257,7 +223,7 @@ def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
     steps, mid = cfg.train.max_steps, cfg.train.max_steps // 2
 
     t0 = time.perf_counter()
-    model, tokenizer = _load_lora_model(base_dir, cfg)
+    model, tokenizer = _load_lora_model(cfg.model.name_or_path, cfg)
     stages: list[StageResult] = []
     log(f"[demo] sampling {len(prompts)} held-out prompts from the base model")
     base = measure_stage("base", 0, model, tokenizer, prompts, settings, None, {})

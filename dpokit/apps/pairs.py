@@ -259,7 +259,8 @@ def run_pairs_command(settings: PairsSettings) -> PairStats:
     device = st.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     load_start = time.perf_counter()
-    source = sources.resolve_source(st.model)
+    # a GGUF file is dequantized once into a cached folder (what training and evaluation load too)
+    source = sources.materialize_gguf(sources.resolve_source(st.model), log=lambda m: print(m, file=sys.stderr))
     lm = sources.load_model(
         source, dtype=resolve_dtype(st.dtype, device), allow_pickle=st.allow_pickle,
         trust_remote_code=st.trust_remote_code,

@@ -10,8 +10,17 @@ Files (`expand_files`, `read_rows`)
     ``.parquet``    rows numbered by index (0-based).
     folder          written by ``datasets.Dataset.save_to_disk`` (has dataset_info.json / state.json),
                     rows numbered by index (0-based); any other folder = its data files (not recursive).
+    Hub dataset     ``org/name[@revision]`` (no such local path) or ``hub:org/name``: the files of one split,
+                    fetched into the Hugging Face cache (`dpokit.data.hub`) and read as above; messages
+                    name them ``org/name@<commit12>:data/train-00000-of-00001.parquet``.
     A UTF-8 BOM is stripped and CRLF line ends are accepted everywhere. Compressed, binary or UTF-16
     files and files without a single row are refused with a message saying so.
+
+Which rows (`DataFiles`, built by `data_files` from the data config and train.seed)
+    the Hub split and subset of Hub ids (data.train_split / eval_split / subset); one side of a seeded
+    per-row split holding out data.eval_fraction of the training rows as the eval split; mixture
+    weights (data.train_weights: entry i contributes round(w_i * n_i) rows, seeded). Row choices hash
+    (seed, row number), so they are the same on every platform and Python version.
 
 What a row must hold is the business of the row kind that reads it (`dpokit.data.pairs` for
 preference pairs).
@@ -21,8 +30,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from dpokit import resources
+from dpokit.config import DataConfig
+from dpokit.data import hub
 from dpokit.errors import DataError, DpokitError
 
-__all__ = ["expand_files", "read_rows", "read_prompts", "records", "describe_row", "row_error", "type_name", "Unreadable", "DATA_SUFFIXES"]
+__all__ = ["expand_files", "expand_sources", "shown", "DataFiles", "data_files", "read_rows", "read_prompts", "records", "describe_row", "row_error", "type_name", "Unreadable", "DATA_SUFFIXES"]
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +55,23 @@ DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 def describe_row(path: str | Path, row: int) -> str:
     """How a row number reads to a user: "line 7" for line-oriented files, else "row 6 (0-based)"."""
-    return f"line {row}" if _is_line_oriented(Path(path)) else f"row {row} (0-based)"
+    return f"line {row}" if _is_line_oriented(_REAL.get(str(path), Path(path))) else f"row {row} (0-based)"
+
+
+# Files of Hub datasets live in the Hub cache under commit-sha folders; messages name them as
+# "org/name@<sha12>:data/train-00000-of-00001.parquet" instead. expand_files registers the names.
+_SHOWN: dict[str, str] = {}  # real path -> shown name
+_REAL: dict[str, Path] = {}  # shown name -> real path (describe_row looks at the real file)
+
+
+def shown(path: str | Path) -> str:
+    """The name a data file has in messages: its path, or a Hub dataset's ``org/name@rev:file``."""
+    return _SHOWN.get(str(path), str(path))
+
+
+def _register(path: Path, name: str) -> None:
+    _SHOWN[str(path)] = name
+    _REAL[name] = path
 
 
 def _is_line_oriented(path: Path) -> bool:
@@ -51,10 +80,11 @@ def _is_line_oriented(path: Path) -> bool:
 
 
 def _located_error(path: str | Path, where: str, message: str, row: int | None, field: str | None) -> DataError:
-    err = DataError(str(path), message, row=row, field=field)
+    name = shown(path)
+    err = DataError(name, message, row=row, field=field)
     # DataError renders "row N"; re-render so JSONL/CSV say "line N" (what an editor jumps to) and
     # index-based files say their index is 0-based. path/row/field attributes stay structured.
-    err.args = (f"{path}, {where}" + (f", field '{field}'" if field else "") + f": {message}",)
+    err.args = (f"{name}, {where}" + (f", field '{field}'" if field else "") + f": {message}",)
     return err
 
 
@@ -82,32 +112,64 @@ def type_name(value: Any) -> str:
 # Files
 
 
-def expand_files(specs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Resolve files, globs and folders to the data files / save_to_disk folders to read, in order.
+def expand_files(specs: str | Path | Sequence[str | Path], split: str | None = None, subset: str | None = None) -> list[Path]:
+    """Resolve files, globs, folders and Hub dataset ids to the data files / save_to_disk folders to
+    read, in order; see `expand_sources` (this is its flat list, duplicates removed)."""
+    return [path for paths in expand_sources(specs, split, subset) for path in paths]
+
+
+def expand_sources(
+    specs: str | Path | Sequence[str | Path], split: str | None = None, subset: str | None = None
+) -> list[list[Path]]:
+    """The files of each spec (one list per entry, for mixture weights), in order.
 
     A folder written by `datasets.Dataset.save_to_disk` is returned as is; any other folder expands
-    to its data files (sorted, not recursive). Duplicates are removed, keeping the first.
-    ``builtin:toy/train.jsonl`` names data shipped in the package (`dpokit.resources`).
+    to its data files (sorted, not recursive). ``builtin:toy/train.jsonl`` names data shipped in the
+    package (`dpokit.resources`). A spec that is no local path but reads ``org/name[@revision]`` or
+    ``hub:org/name[@revision]`` is a Hugging Face Hub dataset: the files of its `split` (and
+    `subset`) are fetched into the Hub cache (`dpokit.data.hub`); local paths win. `split` and
+    `subset` default to those of a `DataFiles` list, else "train" and none. A file named by two
+    entries is read once, by the first.
     """
     if isinstance(specs, (str, Path)):
         specs = [specs]
-    found: list[Path] = []
+    split = split or getattr(specs, "split", "train")
+    subset = subset if subset is not None else getattr(specs, "subset", None)
+    seen: set[Path] = set()
+    out: list[list[Path]] = []
     for spec in map(str, specs):
-        if resources.is_builtin(spec):
-            spec = str(resources.resolve_builtin(spec))
-        if Path(spec).exists():
-            candidates = [Path(spec)]
-        elif any(ch in spec for ch in "*?["):
-            candidates = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
-            if not candidates:
-                raise DataError(spec, "no file matches this pattern")
-        else:
-            raise DataError(spec, "no such file or folder")
-        for path in candidates:
-            found.extend(_expand_path(path))
-    if not found:
+        entry: list[Path] = []
+        for path in _spec_paths(spec, split, subset):
+            for found in _expand_path(path):
+                if found not in seen:
+                    seen.add(found)
+                    entry.append(found)
+        out.append(entry)
+    if not any(out):
         raise DataError("data", "no data files given")
-    return list(dict.fromkeys(found))
+    return out
+
+
+def _spec_paths(spec: str, split: str, subset: str | None) -> list[Path]:
+    if resources.is_builtin(spec):
+        spec = str(resources.resolve_builtin(spec))
+    if Path(spec).exists():
+        return [Path(spec)]
+    if any(ch in spec for ch in "*?["):
+        found = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
+        if not found:
+            raise DataError(spec, "no file matches this pattern")
+        return found
+    if hub.is_dataset_spec(spec):
+        try:
+            files = hub.dataset_files(spec, split, subset)
+        except hub.HubError as e:
+            local = "" if spec.startswith("hub:") else "not a local file or folder; "
+            raise DataError(spec, f"{local}{e}") from None
+        for path, name in files:
+            _register(path, name)
+        return [path for path, _ in files]
+    raise DataError(spec, "no such file or folder")
 
 
 def _expand_path(path: Path) -> list[Path]:
@@ -118,15 +180,15 @@ def _expand_path(path: Path) -> list[Path]:
         files = [p for p in children if (p.is_file() and p.suffix.lower() in DATA_SUFFIXES) or _is_saved_dataset(p)]
         if not files:
             names = [p.name + ("/" if p.is_dir() else "") for p in children]
-            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             raise DataError(
-                str(path),
+                shown(path),
                 f"folder has no data files (expected {', '.join(DATA_SUFFIXES)} files or a save_to_disk folder; "
-                f"it holds {shown or 'nothing'})",
+                f"it holds {listed or 'nothing'})",
             )
         return files
     if path.suffix.lower() not in DATA_SUFFIXES:
-        raise DataError(str(path), _unsupported(path))
+        raise DataError(shown(path), _unsupported(path))
     return [path]
 
 
@@ -138,6 +200,88 @@ def _unsupported(path: Path) -> str:
 def _is_saved_dataset(path: Path) -> bool:
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     return path.is_dir() and any((path / m).is_file() for m in markers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which rows of the files: an eval split carved from the training rows, mixture weights
+
+
+class DataFiles(list):  # type: ignore[type-arg]  # a list[str] of specs, so objectives pass it on unchanged
+    """File specs plus how to read them: the Hub split and subset for Hub dataset ids, and which
+    rows to use (a seeded eval carve of data.eval_fraction, data.train_weights). Built by
+    `data_files`; a plain list of specs means every row, split "train", no subset."""
+
+    def __init__(
+        self,
+        specs: Sequence[str] = (),
+        *,
+        split: str = "train",
+        subset: str | None = None,
+        part: str = "all",  # all | train | eval: which side of the eval carve
+        eval_fraction: float = 0.0,
+        seed: int = 0,
+        weights: Sequence[float] = (),
+    ) -> None:
+        super().__init__(map(str, specs))
+        self.split, self.subset, self.part = split, subset, part
+        self.eval_fraction, self.seed, self.weights = eval_fraction, seed, list(weights)
+
+    def eval_rows(self, n: int) -> int:
+        """How many of n rows the eval carve holds out: round(eval_fraction * n), at least 1, and at
+        least one row left to train on."""
+        if n < 2:
+            raise DataError("data.eval_fraction", f"needs at least 2 training rows to hold some out, got {n}")
+        return min(max(math.floor(self.eval_fraction * n + 0.5), 1), n - 1)
+
+    def select(self, counts: Sequence[int]) -> list[int]:
+        """Indices (into the concatenated rows of all entries; entry i holds counts[i] rows) of the
+        rows to use, ascending, with repeats for weights > 1. Deterministic in `seed` alone."""
+        chosen = list(range(sum(counts)))
+        if self.eval_fraction > 0 and self.part != "all":
+            held = set(sorted(chosen, key=lambda i: _rank(self.seed, "eval", i))[: self.eval_rows(len(chosen))])
+            chosen = [i for i in chosen if (i in held) == (self.part == "eval")]
+        if self.weights and self.part != "eval":
+            chosen = _weigh(chosen, counts, self.weights, self.seed)
+        return chosen
+
+
+def data_files(data_cfg: DataConfig, seed: int) -> tuple[DataFiles, DataFiles]:
+    """(train files, eval files) of a run's data config, each a `DataFiles` that knows its Hub split.
+
+    With data.eval_fraction > 0 and no data.eval_files, both are data.train_files: the train side
+    keeps the rows the seeded carve does not hold out, the eval side the held-out ones.
+    """
+    split, subset, weights, fraction = data_cfg.train_split, data_cfg.subset, data_cfg.train_weights, data_cfg.eval_fraction
+    if fraction > 0 and not data_cfg.eval_files:
+        carve = {"split": split, "subset": subset, "eval_fraction": fraction, "seed": seed}
+        return (DataFiles(data_cfg.train_files, part="train", weights=weights, **carve),
+                DataFiles(data_cfg.train_files, part="eval", **carve))  # fmt: skip
+    return (
+        DataFiles(data_cfg.train_files, split=split, subset=subset, seed=seed, weights=weights),
+        DataFiles(data_cfg.eval_files, split=data_cfg.eval_split, subset=subset),
+    )
+
+
+def _rank(seed: int, salt: str, index: int) -> int:
+    # A hash, not random.Random: the same rows are chosen on every platform and Python version.
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{salt}:{index}".encode(), digest_size=8).digest(), "big")
+
+
+def _weigh(rows: list[int], counts: Sequence[int], weights: Sequence[float], seed: int) -> list[int]:
+    """Mixture weights: entry i contributes round(w_i * n_i) of its n_i rows, every row floor(w_i)
+    times and a seeded sample of the rest once more (w < 1 subsamples, w = 0 leaves it out)."""
+    if len(weights) != len(counts):
+        raise DataError("data.train_weights", f"{len(weights)} weights for {len(counts)} data.train_files entries")
+    starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    out: list[int] = []
+    for i, weight in enumerate(weights):
+        mine = [r for r in rows if starts[i] <= r < starts[i + 1]]
+        if not mine:
+            continue
+        repeats, extra = divmod(math.floor(weight * len(mine) + 0.5), len(mine))
+        sample = sorted(mine, key=lambda r: _rank(seed, f"weight{i}", r))[:extra]
+        out.extend(mine * repeats + sample)
+    return sorted(out)
 
 
 @dataclass
@@ -159,24 +303,31 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield rownum, value
 
 
-def records(path: Path) -> Iterator[_Record]:
+def records(path: Path, required: tuple[str, str] = ("chosen", "rejected")) -> Iterator[_Record]:
     """Like `read_rows`, but a record that cannot be parsed is yielded as `Unreadable`, not raised.
 
     File-level problems (missing, binary, not a JSON document, no chosen/rejected columns) still raise:
-    no row of such a file can be trusted, so there is nothing to skip.
+    no row of such a file can be trusted, so there is nothing to skip. `required`: the names of the
+    chosen and rejected columns in the file (data.columns may rename them).
     """
     if path.is_dir():
-        yield from _read_saved_dataset(path)
+        yield from _read_saved_dataset(path, required)
         return
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(str(path), _unsupported(path))
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise DataError(shown(path), _unsupported(path))
     if not path.is_file():
-        raise DataError(str(path), "no such file")
-    if reader is not _read_parquet:
-        _refuse_binary(path)
-    yield from reader(path)
+        raise DataError(shown(path), "no such file")
+    if suffix == ".parquet":
+        yield from _read_parquet(path, required)
+        return
+    _refuse_binary(path)
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json(path, required)
+    else:
+        yield from _read_csv(path, required)
 
 
 # Leading bytes of files that are not UTF-8 text: a clear message beats "invalid UTF-8 at line 1".
@@ -197,7 +348,7 @@ def _refuse_binary(path: Path) -> None:
         head = f.read(8192)
     for magic, what in _MAGIC:
         if head.startswith(magic):
-            raise DataError(str(path), f"expected UTF-8 text, but the file is {what}")
+            raise DataError(shown(path), f"expected UTF-8 text, but the file is {what}")
     if b"\x00" in head:  # never in UTF-8 JSON or CSV text
         line = 1 + head.count(b"\n", 0, head.index(b"\x00"))
         raise _line_error(path, line, "expected UTF-8 text, but the file is binary (it holds NUL bytes)")
@@ -284,7 +435,7 @@ def _json_is_lines_cached(path: str, mtime_ns: int, size: int) -> bool:
     return False
 
 
-def _read_json(path: Path) -> Iterator[_Record]:
+def _read_json(path: Path, required: tuple[str, str] = ("chosen", "rejected")) -> Iterator[_Record]:
     text = _decode(path, path.read_bytes())
     try:
         data = json.loads(text)
@@ -296,14 +447,14 @@ def _read_json(path: Path) -> Iterator[_Record]:
         ends_early = e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
         truncated = "; the document ends early, so the file looks truncated" if ends_early else ""
         raise _line_error(path, e.lineno, f"invalid JSON ({_json_problem(e)}){truncated}") from None
-    if isinstance(data, dict) and "chosen" in data:
+    if isinstance(data, dict) and required[0] in data:
         data = [data]  # a single row
     elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"train": [...]} / {"data": [...]}
     if not isinstance(data, list):
         keys = f" with keys {sorted(data)}" if isinstance(data, dict) else ""
         raise DataError(
-            str(path),
+            shown(path),
             f"expected a list of rows or an object with one key holding that list, got {type_name(data)}{keys}",
         )
     for i, value in enumerate(data):
@@ -313,18 +464,24 @@ def _read_json(path: Path) -> Iterator[_Record]:
             yield i, Unreadable(_not_object(path, f"row {i} (0-based)", i, value), json.dumps(value)[:1000])
 
 
-def _require_columns(path: Path, columns: Sequence[str], header_line: int | None = None) -> None:
+def _require_columns(
+    path: Path, columns: Sequence[str], required: tuple[str, str], header_line: int | None = None
+) -> None:
     """A table without chosen/rejected columns is the wrong file (or needs renaming), not N bad rows."""
-    for name in ("chosen", "rejected"):
+    for name in required:
         if name not in columns:
             found = ", ".join(map(str, columns)) or "none"
-            message = f"no '{name}' column; expected prompt/chosen/rejected columns, found: {found}"
+            expected = (
+                "expected prompt/chosen/rejected columns" if required == ("chosen", "rejected")
+                else f"data.columns names '{required[0]}' and '{required[1]}' as chosen and rejected"
+            )  # fmt: skip
+            message = f"no '{name}' column; {expected}, found: {found}"
             if header_line is None:
-                raise DataError(str(path), message, field=name)
+                raise DataError(shown(path), message, field=name)
             raise _located_error(path, f"line {header_line} (header)", message, header_line, name)
 
 
-def _read_csv(path: Path) -> Iterator[_Record]:
+def _read_csv(path: Path, required: tuple[str, str]) -> Iterator[_Record]:
     text = _decode(path, path.read_bytes())
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long responses exceed the 128 KiB default
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -332,7 +489,7 @@ def _read_csv(path: Path) -> Iterator[_Record]:
     try:
         header = [name.strip() for name in next(reader, [])]
         if header:
-            _require_columns(path, header, header_line=1)
+            _require_columns(path, header, required, header_line=1)
         start = reader.line_num + 1
         for record in reader:
             if record:  # csv yields [] for blank lines
@@ -348,35 +505,35 @@ def _read_csv(path: Path) -> Iterator[_Record]:
         raise _line_error(path, start, f"invalid CSV: {e}") from None
 
 
-def _read_parquet(path: Path) -> Iterator[_Record]:
+def _read_parquet(path: Path, required: tuple[str, str]) -> Iterator[_Record]:
     import pyarrow.parquet as pq
 
     index = 0
     try:  # a truncated file fails on open (no footer) or on a row group; both are file-level problems
         parquet = pq.ParquetFile(path)
-        _require_columns(path, parquet.schema_arrow.names)
+        _require_columns(path, parquet.schema_arrow.names, required)
         for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield index, row
                 index += 1
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
         where = f" (after {index} rows)" if index else ""
-        raise DataError(str(path), f"cannot read Parquet file{where}: {e}") from None
+        raise DataError(shown(path), f"cannot read Parquet file{where}: {e}") from None
 
 
-def _read_saved_dataset(path: Path) -> Iterator[_Record]:
+def _read_saved_dataset(path: Path, required: tuple[str, str]) -> Iterator[_Record]:
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-        raise DataError(str(path), f"folder holds a DatasetDict with splits {splits}; pass one split's folder instead")
+        raise DataError(shown(path), f"folder holds a DatasetDict with splits {splits}; pass one split's folder instead")
     if not _is_saved_dataset(path):
-        raise DataError(str(path), "folder is not a datasets.save_to_disk folder; pass its data files instead")
+        raise DataError(shown(path), "folder is not a datasets.save_to_disk folder; pass its data files instead")
     from datasets import load_from_disk
 
     try:
         dataset = load_from_disk(str(path))
     except (OSError, ValueError) as e:
-        raise DataError(str(path), f"cannot load save_to_disk folder: {e}") from None
-    _require_columns(path, dataset.column_names)
+        raise DataError(shown(path), f"cannot load save_to_disk folder: {e}") from None
+    _require_columns(path, dataset.column_names, required)
     yield from enumerate(dataset)
 
 

@@ -12,10 +12,18 @@ Row formats (`normalize_row`, detected per row unless ``data.format`` forces one
                     common prefix cut after the last "\\n\\nAssistant:" marker, else before the last
                     whitespace run so no word is split (the response keeps its leading space).
 
+Columns: data.columns ({prompt: question, chosen: response_j, ...}, dpokit name -> dataset column)
+renames every row's columns before validation; errors then name the dataset's column.
+
 Tokenization (`tokenize_pair`) follows docs/design.md: prompt and responses are tokenized separately
 and concatenated, so the prompt/response boundary is exact by construction. A text much longer than
 max_length (over `_PRECUT_CHARS_PER_TOKEN` characters per allowed token) is cut to that window before
 tokenizing, so one 10 MB row costs milliseconds instead of a full tokenization of text truncation drops.
+
+At scale (`load_pairs`): data.cache_tokenized keeps the tokenized pairs of a load on disk
+(`dpokit.data.cache`, keyed by the tokenizer, a hash of the normalised rows and the truncation
+settings), so a second run with the same inputs skips tokenizing; data.num_proc tokenizes chunks of
+rows in that many processes (forked where possible), with the output of one process.
 
 Bad rows (`load_pairs`)
     data.on_bad_row=error (default): the first malformed row raises DataError naming file, row, field.
@@ -30,18 +38,24 @@ Bad rows (`load_pairs`)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
+import re
+import sys
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpokit.data import cache as data_cache
 from dpokit.data.collate import TokenizedPair
-from dpokit.data.files import Unreadable, describe_row, expand_files, records, row_error, type_name
+from dpokit.data.files import DataFiles, Unreadable, describe_row, expand_sources, records, row_error, shown, type_name
 from dpokit.errors import ConfigError, DataError, ModelError
 
 __all__ = [
@@ -55,6 +69,8 @@ __all__ = [
     "FORMATS",
     "TRUNCATION_MODES",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "standard", "conversational", "implicit")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -297,6 +313,28 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return f"the tokenizer of {name}" if name else "the tokenizer"
 
 
+def _check_tokenizer(pairs: Sequence[RawPair], tokenizer: Any, mode: str) -> None:
+    """Problems of the settings or the tokenizer, not of rows: never skipped, but located at the first
+    row they hit (checked on all rows before they are split among processes)."""
+    if mode not in TRUNCATION_MODES:
+        raise ConfigError(f"data.truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+    plain = [p for p in pairs if p.kind != "conversational"]
+    chat = [p for p in pairs if p.kind == "conversational"]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        first = chat[0]
+        raise ModelError(
+            f"{first.source}, {describe_row(first.source, first.row)}: conversational row (message lists; "
+            f"{len(chat)} such rows) but {_tokenizer_name(tokenizer)} has no chat_template to render it; "
+            "use a tokenizer with one, or convert the data to prompt/chosen/rejected text"
+        )
+    if plain and tokenizer.eos_token_id is None:
+        first = plain[0]
+        raise ModelError(
+            f"{first.source}, {describe_row(first.source, first.row)}: plain-text responses must end with "
+            f"an EOS token, but {_tokenizer_name(tokenizer)} has no eos_token; set one"
+        )
+
+
 def _encode(
     pairs: Sequence[RawPair],
     tokenizer: Any,
@@ -305,27 +343,10 @@ def _encode(
     mode: str,
     skip_bad_rows: bool = False,
 ) -> list[_Encoded]:
-    if mode not in TRUNCATION_MODES:
-        raise ConfigError(f"data.truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, got {mode!r}")
+    _check_tokenizer(pairs, tokenizer, mode)
     plain = [i for i, p in enumerate(pairs) if p.kind != "conversational"]
     chat = [i for i, p in enumerate(pairs) if p.kind == "conversational"]
-    # Tokenizer problems are not the rows' fault: never skipped, but located at the first row they hit.
-    if chat and not getattr(tokenizer, "chat_template", None):
-        first = pairs[chat[0]]
-        raise ModelError(
-            f"{first.source}, {describe_row(first.source, first.row)}: conversational row (message lists; "
-            f"{len(chat)} such rows) but {_tokenizer_name(tokenizer)} has no chat_template to render it; "
-            "use a tokenizer with one, or convert the data to prompt/chosen/rejected text"
-        )
-    eos = None
-    if plain:
-        eos = tokenizer.eos_token_id
-        if eos is None:
-            first = pairs[plain[0]]
-            raise ModelError(
-                f"{first.source}, {describe_row(first.source, first.row)}: plain-text responses must end with "
-                f"an EOS token, but {_tokenizer_name(tokenizer)} has no eos_token; set one"
-            )
+    eos = tokenizer.eos_token_id if plain else None
 
     errors: dict[int, DataError] = {}
     texts: list[tuple[str, str, str]] = []  # (prompt, chosen, rejected) strings
@@ -496,6 +517,7 @@ class DataSummary:
     n_duplicates: int = 0  # pairs identical to an earlier pair (kept)
     n_contradictory: int = 0  # pairs whose swap (same prompt, chosen <-> rejected) came earlier (kept)
     n_precut: int = 0  # pairs with a text cut before tokenizing (lengths above are lower bounds)
+    notes: list[str] = field(default_factory=list)  # row selection (eval carve, weights), tokenized cache
 
     @property
     def n_dropped(self) -> int:
@@ -510,6 +532,7 @@ class DataSummary:
             f"data: {self.n_read} pairs read from {files} ({kinds}); "
             f"{self.n_kept} kept, {self.n_dropped} dropped{skipped}"
         ]
+        lines.extend(f"  {note}" for note in self.notes)
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             lines.append(f"  dropped ({reason}): {n}")
         if self.n_skipped:
@@ -576,7 +599,7 @@ def _summarize(files: list[Path], raw: list[RawPair], encoded: list[_Encoded]) -
     kept = [e for e in valid if e.pair is not None]
     duplicates, contradictory = _count_repeats([p for p, e in zip(raw, encoded) if e.error is None])
     return DataSummary(
-        files=[str(f) for f in files],
+        files=[shown(f) for f in files],
         n_read=len(valid),
         n_kept=len(kept),
         kinds=dict(Counter(p.kind for p, e in zip(raw, encoded) if e.error is None)),
@@ -626,29 +649,324 @@ def _write_skipped(path: str | Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
-def _read_rows(paths: list[Path], fmt: str, skip: bool) -> tuple[list[RawPair], list[dict[str, Any]]]:
-    """Every row of `paths`, normalised; malformed rows raise (skip=False) or are returned as skip records."""
+# ----------------------------------------------------------------------------------------------
+# Reading and selecting rows
+
+_Rec = tuple[Path, int, "dict[str, Any] | Unreadable"]
+
+
+def _read_records(sources: list[list[Path]], required: tuple[str, str]) -> tuple[list[_Rec], list[int]]:
+    """Every record of every file, in order, and how many each source (a files entry) holds."""
+    recs: list[_Rec] = []
+    counts: list[int] = []
+    for paths in sources:
+        start = len(recs)
+        for path in paths:
+            before = len(recs)
+            recs.extend((path, rownum, value) for rownum, value in records(path, required))
+            if len(recs) == before:
+                expected = _EMPTY_EXPECTED.get(path.suffix.lower(), "rows with prompt/chosen/rejected fields")
+                empty = "the file is empty" if path.is_file() and path.stat().st_size == 0 else "the file holds no rows"
+                raise DataError(shown(path), f"{empty}; expected {expected}")
+        counts.append(len(recs) - start)
+    return recs, counts
+
+
+def _normalize(
+    recs: list[_Rec], chosen: list[int], fmt: str, skip: bool, columns: dict[str, str]
+) -> tuple[list[RawPair], list[int], list[dict[str, Any]]]:
+    """The records `chosen` (indices into recs) as RawPairs, with the record index of each; a malformed
+    row raises (skip=False) or becomes a skip record."""
     raw: list[RawPair] = []
+    where: list[int] = []
     skipped: list[dict[str, Any]] = []
-    for path in paths:
-        n_records = 0
-        for rownum, value in records(path):
-            n_records += 1
-            try:
-                if isinstance(value, Unreadable):
-                    raise value.error
-                raw.append(normalize_row(value, path, rownum, fmt))
-            except DataError as e:
-                if not skip:
-                    e.args = (e.args[0] + _SKIP_HINT,)
-                    raise
-                row = value if isinstance(value, dict) else None
-                skipped.append(_skip_record(e, row, value.text if isinstance(value, Unreadable) else None))
-        if n_records == 0:
-            expected = _EMPTY_EXPECTED.get(path.suffix.lower(), "rows with prompt/chosen/rejected fields")
-            empty = "the file is empty" if path.is_file() and path.stat().st_size == 0 else "the file holds no rows"
-            raise DataError(str(path), f"{empty}; expected {expected}")
-    return raw, skipped
+    for i in chosen:
+        path, rownum, value = recs[i]
+        try:
+            if isinstance(value, Unreadable):
+                raise value.error
+            raw.append(_normalize_mapped(value, path, rownum, fmt, columns))
+            where.append(i)
+        except DataError as e:
+            if not skip:
+                e.args = (e.args[0] + _SKIP_HINT,)
+                raise
+            row = value if isinstance(value, dict) else None
+            skipped.append(_skip_record(e, row, value.text if isinstance(value, Unreadable) else None))
+    return raw, where, skipped
+
+
+def _normalize_mapped(row: dict[str, Any], path: Path, rownum: int, fmt: str, columns: dict[str, str]) -> RawPair:
+    """`normalize_row` after renaming the dataset's columns to dpokit's (data.columns: name -> column);
+    errors name the dataset's column, which is what the user can look up."""
+    name = shown(path)
+    if not columns:
+        return normalize_row(row, name, rownum, fmt)
+    for key, column in columns.items():
+        if column not in row:
+            present = ", ".join(map(str, row))
+            message = f"missing column '{column}' (data.columns maps it to {key}; columns present: {present})"
+            raise row_error(name, rownum, message, column)
+    # The mapped columns replace any column that already has a dpokit name (a dataset may hold an
+    # unrelated "prompt" column next to the "question" the user picked).
+    renamed = {k: v for k, v in row.items() if k not in columns and k not in columns.values()}
+    renamed.update({key: row[column] for key, column in columns.items()})
+    try:
+        return normalize_row(renamed, name, rownum, fmt)
+    except DataError as e:
+        if e.row is None:
+            raise
+        field_name = e.field
+        head = re.match(r"\w+", field_name) if field_name else None  # "chosen[0].content" -> "chosen"
+        if head and head.group(0) in columns:
+            field_name = columns[head.group(0)] + field_name[head.end() :]  # type: ignore[index]
+        mapping = ", ".join(f"{column} -> {key}" for key, column in columns.items())
+        raise row_error(e.path, e.row, f"{e.detail} (data.columns: {mapping})", field_name) from None
+
+
+def _plan(files: str | Path | Sequence[str | Path], data_cfg: Any) -> DataFiles:
+    """`files` as a DataFiles. A plain list reads the Hub split data.eval_split when it is
+    data.eval_files (and not also data.train_files: then only a DataFiles can tell), else
+    data.train_split; the eval carve and mixture weights come only with a DataFiles from
+    `data_files` (they need train.seed)."""
+    if isinstance(files, DataFiles):
+        return files
+    specs = [str(files)] if isinstance(files, (str, Path)) else [str(f) for f in files]
+    eval_files = [str(f) for f in getattr(data_cfg, "eval_files", None) or []]
+    train_files = [str(f) for f in getattr(data_cfg, "train_files", None) or []]
+    is_eval = bool(eval_files) and specs == eval_files and specs != train_files
+    split = getattr(data_cfg, "eval_split", "test") if is_eval else getattr(data_cfg, "train_split", "train")
+    return DataFiles(specs, split=split, subset=getattr(data_cfg, "subset", None))
+
+
+def _selection_notes(plan: DataFiles, sources: list[list[Path]], counts: list[int], picks: list[int]) -> list[str]:
+    """Summary lines saying which rows were used: the eval carve, the mixture weights."""
+    notes = []
+    total = sum(counts)
+    if plan.eval_fraction > 0:
+        held = plan.eval_rows(total)
+        side = f"{held} held out as the eval split" if plan.part == "eval" else f"{total - held} left for training"
+        notes.append(f"data.eval_fraction {plan.eval_fraction:g}: of {total} rows, {side} (seeded by train.seed)")
+    if plan.weights and plan.part != "eval":
+        starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+        unweighted = DataFiles(plan, part=plan.part, eval_fraction=plan.eval_fraction, seed=plan.seed).select(counts)
+        for i, (paths, weight) in enumerate(zip(sources, plan.weights)):
+            before = sum(starts[i] <= r < starts[i + 1] for r in unweighted)
+            after = sum(starts[i] <= r < starts[i + 1] for r in picks)
+            name = shown(paths[0]) + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "") if paths else "-"
+            notes.append(f"data.train_weights[{i}] = {weight:g}: {name}: {before} rows -> {after}")
+    return notes
+
+
+def _arrange(picks: list[int], where: list[int], encoded: list[_Encoded]) -> list[TokenizedPair]:
+    """The kept pairs in `picks` order (a row picked twice by a weight > 1 appears twice, as its own
+    TokenizedPair sharing the id lists), each with index = its position."""
+    position = {rec: k for k, rec in enumerate(where)}
+    used: set[int] = set()
+    pairs: list[TokenizedPair] = []
+    for rec in picks:
+        k = position.get(rec)
+        pair = encoded[k].pair if k is not None else None
+        if pair is None:
+            continue
+        pairs.append(pair if k not in used else TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids))
+        used.add(k)  # type: ignore[arg-type]
+    for index, pair in enumerate(pairs):
+        pair.index = index
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizing at scale: the tokenized-pairs cache and data.num_proc processes
+
+
+def _rows_digest(raw: list[RawPair]) -> str:
+    """Hash of exactly what tokenization reads: each pair's texts, kind and where it came from (the
+    file name, with a Hub dataset's revision, and the row, which errors quote). It covers the file
+    bytes, data.format, data.columns, the Hub split/subset/revision and the row selection: a change
+    to any of them that changes a row changes the key, and nothing else does."""
+    h = hashlib.sha256()
+    for p in raw:
+        record = [p.source, p.row, p.kind, p.prompt, p.chosen, p.rejected]
+        h.update(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _encode_all(raw: list[RawPair], tokenizer: Any, data_cfg: Any, skip: bool) -> tuple[list[_Encoded], list[str]]:
+    """Tokenize `raw` through the tokenized-pairs cache (data.cache_tokenized) in data.num_proc
+    processes; returns the encodings and a note for the summary."""
+    settings = (
+        getattr(data_cfg, "max_length", None),
+        getattr(data_cfg, "max_prompt_length", None),
+        getattr(data_cfg, "truncation_mode", "keep_end"),
+    )
+    num_proc = int(getattr(data_cfg, "num_proc", 1) or 1)
+    _check_tokenizer(raw, tokenizer, settings[2])
+    start = time.perf_counter()
+    if not getattr(data_cfg, "cache_tokenized", False):  # off for plain objects: only a DataConfig opts in
+        return _encode_procs(raw, tokenizer, settings, skip, num_proc), []
+    keyed = {"max_length": settings[0], "max_prompt_length": settings[1], "truncation_mode": settings[2], "skip": skip}
+    key = data_cache.entry_key(tokenizer, keyed, _rows_digest(raw))
+    path = data_cache.entry_path(key)
+    entry = data_cache.load_entry(path, key)
+    encoded = _from_arrays(*entry, len(raw), path) if entry is not None else None
+    if encoded is not None:
+        note = f"tokenized pairs cache hit: {len(raw)} rows in {time.perf_counter() - start:.1f}s ({path})"
+        logger.info("data: %s", note)
+        return encoded, [note]
+    encoded = _encode_procs(raw, tokenizer, settings, skip, num_proc)
+    arrays, summary = _to_arrays(encoded)
+    saved = data_cache.save_entry(path, key, arrays, summary)
+    procs = f" in {num_proc} processes" if num_proc > 1 else ""
+    note = f"tokenized {len(raw)} rows{procs} in {time.perf_counter() - start:.1f}s" + (f"; cached in {path}" if saved else "")
+    logger.info("data: %s", note)
+    return encoded, [note]
+
+
+def _to_arrays(encoded: list[_Encoded]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Encodings as integer arrays (+ the drop reasons and row errors as JSON) for the cache."""
+    import numpy as np
+
+    n = len(encoded)
+    parts = np.zeros((n, 3), dtype=np.int64)
+    reason = np.full(n, -1, dtype=np.int64)
+    error = np.full(n, -1, dtype=np.int64)
+    reasons: dict[str, int] = {}
+    errors: list[list[Any]] = []
+    ids: list[int] = []
+    for i, e in enumerate(encoded):
+        if e.pair is not None:
+            parts[i] = (len(e.pair.prompt_ids), len(e.pair.chosen_ids), len(e.pair.rejected_ids))
+            ids += e.pair.prompt_ids
+            ids += e.pair.chosen_ids
+            ids += e.pair.rejected_ids
+        if e.reason is not None:
+            reason[i] = reasons.setdefault(e.reason, len(reasons))
+        if e.error is not None:
+            error[i] = len(errors)
+            errors.append(list(_error_fields(e.error)))
+    flat = np.asarray(ids, dtype=np.int64)
+    if not flat.size or (flat.min() >= 0 and flat.max() < 2**31):
+        flat = flat.astype(np.int32)  # half the size; every real vocabulary fits
+    arrays = {
+        "ids": flat,
+        "parts": parts,
+        "lengths": np.asarray([e.lengths for e in encoded], dtype=np.int64).reshape(n, 3),
+        "flags": np.asarray([(*e.truncated, e.precut) for e in encoded], dtype=np.uint8).reshape(n, 4),
+        "reason": reason,
+        "error": error,
+    }
+    return arrays, {"rows": n, "reasons": list(reasons), "errors": errors}
+
+
+def _from_arrays(arrays: dict[str, Any], summary: dict[str, Any], n: int, path: Path) -> list[_Encoded] | None:
+    """The encodings a cache entry holds, or None (with a warning) if it does not fit `n` rows."""
+    try:
+        parts, lengths, flags = arrays["parts"], arrays["lengths"], arrays["flags"]
+        fits = (
+            summary.get("rows") == n and parts.shape == (n, 3) and lengths.shape == (n, 3) and flags.shape == (n, 4)
+            and arrays["reason"].shape == (n,) and arrays["error"].shape == (n,)
+            and int(parts.sum()) == arrays["ids"].shape[0]
+        )  # fmt: skip
+        if not fits:
+            raise ValueError("its arrays do not match the rows")
+        ids = arrays["ids"].tolist()
+        rows = zip(parts.tolist(), lengths.tolist(), flags.tolist(), arrays["reason"].tolist(), arrays["error"].tolist())
+        out, pos = [], 0
+        for (a, b, c), length, flag, r, err in rows:
+            pair = None
+            if a:  # a kept pair has a prompt; dropped ones store no ids
+                pair = TokenizedPair(ids[pos : pos + a], ids[pos + a : pos + a + b], ids[pos + a + b : pos + a + b + c])
+                pos += a + b + c
+            error = _error_from(summary["errors"][err]) if err >= 0 else None
+            reason = summary["reasons"][r] if r >= 0 else None
+            out.append(_Encoded(pair, reason, tuple(length), tuple(bool(x) for x in flag[:3]), bool(flag[3]), error))
+        return out
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        data_cache.ignore_entry(path, str(exc))
+        return None
+
+
+def _error_fields(error: DataError) -> tuple[Any, ...]:
+    # DataError cannot be pickled or stored as is (its __init__ takes the path and message apart)
+    return (error.path, error.detail, error.row, error.field, error.args[0])
+
+
+def _error_from(fields: Sequence[Any]) -> DataError:
+    error = DataError(fields[0], fields[1], row=fields[2], field=fields[3])
+    error.args = (fields[4],)
+    return error
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+@contextlib.contextmanager
+def _tokenizers_parallelism_off() -> Iterator[None]:
+    """TOKENIZERS_PARALLELISM=false while the workers start: each forked worker would otherwise print
+    the tokenizers library's "process just got forked" warning (num_proc processes use the cores)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _worker_init(tokenizer: Any) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # num_proc processes already share the cores
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_chunk(chunk: list[RawPair], settings: tuple[Any, Any, str], skip: bool) -> tuple[str, Any]:
+    try:
+        encoded = _encode(chunk, _WORKER_TOKENIZER, *settings, skip_bad_rows=skip)
+    except DataError as e:
+        return "error", _error_fields(e)
+    packed = [(e.pair, e.reason, e.lengths, e.truncated, e.precut, e.error and _error_fields(e.error)) for e in encoded]
+    return "ok", packed
+
+
+def _encode_procs(
+    raw: list[RawPair], tokenizer: Any, settings: tuple[Any, Any, str], skip: bool, num_proc: int
+) -> list[_Encoded]:
+    """`_encode` over chunks of rows in `num_proc` processes, results in row order: the same output
+    as one process, because every text is tokenized on its own."""
+    if num_proc <= 1 or len(raw) < 2:
+        return _encode(raw, tokenizer, *settings, skip_bad_rows=skip)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n_chunks = min(len(raw), 4 * num_proc)  # several per process, so one slow chunk does not idle the rest
+    bounds = [len(raw) * k // n_chunks for k in range(n_chunks + 1)]
+    chunks = [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+    # fork where the platform allows it (Linux): spawn and forkserver re-import the caller's main
+    # module in every worker, which re-runs a script without an `if __name__ == "__main__"` guard (and
+    # `python -m dpokit`), and they pickle the tokenizer to each worker. The workers only tokenize:
+    # no torch, no CUDA, no locks of the parent's threads. macOS (fork unsafe) and Windows spawn.
+    forkable = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
+    context = multiprocessing.get_context("fork" if forkable else "spawn")
+    workers = min(num_proc, n_chunks)
+    with _tokenizers_parallelism_off(), ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_worker_init, initargs=(tokenizer,)
+    ) as pool:
+        results = list(pool.map(_encode_chunk, chunks, [settings] * n_chunks, [skip] * n_chunks))
+    out: list[_Encoded] = []
+    for status, value in results:
+        if status == "error":  # the first failing chunk holds the first failing row, as in one process
+            raise _error_from(value)
+        for pair, reason, lengths, truncated, precut, error in value:
+            out.append(_Encoded(pair, reason, lengths, truncated, precut, _error_from(error) if error else None))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The top-level loader
 
 
 def load_pairs(
@@ -659,12 +977,16 @@ def load_pairs(
 ) -> tuple[list[TokenizedPair], DataSummary]:
     """Read, validate, normalise and tokenize every pair of `files`.
 
-    `data_cfg` needs `format`, `max_length`, `max_prompt_length` and `truncation_mode` attributes, and
-    may have `on_bad_row` ("error", the default, or "skip"). With "error" the first malformed row raises
-    DataError naming file, row and field. With "skip" malformed rows are left out, counted in the
-    summary and, if `skipped_path` is given, written there as JSON Lines (file, row, location, field,
-    reason, raw row or, if it could not be parsed, its text); the file is replaced on every call and
-    removed when nothing was skipped. File-level problems raise in both modes.
+    `files`: specs as `dpokit.data.files.expand_sources` takes them (files, globs, folders, Hub
+    dataset ids), or a `DataFiles` (from `data_files`) that also selects rows: one side of the
+    data.eval_fraction carve, data.train_weights. `data_cfg` needs `format`, `max_length`,
+    `max_prompt_length` and `truncation_mode` attributes, and may have `on_bad_row` ("error", the
+    default, or "skip"), `columns`, `train_split` / `eval_split` / `subset`, `num_proc` and
+    `cache_tokenized` (off unless present). With "error" the first malformed row raises DataError
+    naming file, row and field. With "skip" malformed rows are left out, counted in the summary and,
+    if `skipped_path` is given, written there as JSON Lines (file, row, location, field, reason, raw
+    row or, if it could not be parsed, its text); the file is replaced on every call and removed
+    when nothing was skipped. File-level problems raise in both modes.
 
     Pairs that tokenization cannot keep are dropped and counted in the summary. TokenizedPair.index is
     the pair's position in the returned list.
@@ -674,14 +996,16 @@ def load_pairs(
     if on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip, got {on_bad_row!r}")
     skip = on_bad_row == "skip"
-    paths = expand_files(files)
-    raw, skipped = _read_rows(paths, fmt, skip)
-
-    max_length = getattr(data_cfg, "max_length", None)
-    max_prompt_length = getattr(data_cfg, "max_prompt_length", None)
-    mode = getattr(data_cfg, "truncation_mode", "keep_end")
+    columns = dict(getattr(data_cfg, "columns", None) or {})
+    plan = _plan(files, data_cfg)
+    sources = expand_sources(plan)
+    paths = [path for entry in sources for path in entry]
+    recs, counts = _read_records(sources, (columns.get("chosen", "chosen"), columns.get("rejected", "rejected")))
+    picks = plan.select(counts)
+    raw, where, skipped = _normalize(recs, list(dict.fromkeys(picks)), fmt, skip, columns)
+    del recs  # the rows are in `raw` now; the parsed records can go
     try:
-        encoded = _encode(raw, tokenizer, max_length, max_prompt_length, mode, skip_bad_rows=skip)
+        encoded, notes = _encode_all(raw, tokenizer, data_cfg, skip)
     except DataError as e:  # only raised when not skipping: a row the chat template cannot render
         e.args = (e.args[0] + _SKIP_HINT,)
         raise
@@ -691,28 +1015,36 @@ def load_pairs(
             skipped.append(_skip_record(enc.error, row, None))
     if skipped_path is not None:
         _write_skipped(skipped_path, skipped)
-
     summary = _summarize(paths, raw, encoded)
+    summary.notes = _selection_notes(plan, sources, counts, picks) + notes
+    return _finish(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded))
+
+
+def _finish(
+    summary: DataSummary,
+    skipped: list[dict[str, Any]],
+    skipped_path: str | Path | None,
+    paths: list[Path],
+    pairs: list[TokenizedPair],
+) -> tuple[list[TokenizedPair], DataSummary]:
     summary.n_skipped = len(skipped)
     summary.skipped_examples = [
         f"{r['file']}, {r['location']}" + (f", field '{r['field']}'" if r["field"] else "") + f": {r['reason']}"
         for r in skipped[:3]
     ]
     summary.skipped_path = str(skipped_path) if skipped and skipped_path is not None else None
-    where = ", ".join(map(str, paths))
+    where = ", ".join(map(shown, paths))
     if summary.n_read == 0:
         listed = f"; all are listed in {skipped_path}" if skipped_path is not None else ""
         raise DataError(
             where,
             f"all {len(skipped)} rows are malformed and were skipped (first: {summary.skipped_examples[0]}){listed}",
         )
-    pairs = [e.pair for e in encoded if e.pair is not None]
-    for index, pair in enumerate(pairs):
-        pair.index = index
     if not pairs:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in summary.dropped.items())
         raise DataError(
             where,
             f"all {summary.n_read} pairs were dropped ({reasons}); check data.max_length / max_prompt_length",
         )
+    summary.n_kept = len(pairs)  # with data.train_weights, repeats included
     return pairs, summary

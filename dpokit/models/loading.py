@@ -46,8 +46,20 @@ def resolve_attn_implementation(cfg: Config, dtype: torch.dtype) -> str:
     return "varlen" if half and torch.cuda.is_available() and varlen.flash_available() else "sdpa"
 
 
+def base_reference(source: sources.ModelSource) -> str:
+    """How a trained output names its base (a LoRA adapter's ``base_model_name_or_path``): the Hub
+    id for a Hub model, else the folder the weights were loaded from (for a GGUF source, its
+    materialised folder: peft needs a path ``from_pretrained`` can load, and the .gguf is not one)."""
+    return source.hub_id or str(source.path)
+
+
 def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
-    source = sources.resolve_source(name_or_path)
+    """Model and tokenizer of any source. A GGUF source is loaded from its materialised Hugging Face
+    folder (dequantized once per file, `sources.materialize_gguf`), never dequantized per load."""
+    # allow_pickle / trust_remote_code also decide what is fetched for a Hub id (pickle weights, code)
+    source = sources.materialize_gguf(
+        sources.resolve_source(name_or_path, cfg.model.allow_pickle, cfg.model.trust_remote_code)
+    )
     model = sources.load_model(
         source,
         dtype=dtype,
@@ -56,6 +68,8 @@ def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype)
         attn_implementation=resolve_attn_implementation(cfg, dtype),
     )
     tokenizer = sources.load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    # peft's get_peft_model records the model's name_or_path as the adapter's base
+    model.name_or_path = base_reference(source)
     return model, tokenizer
 
 

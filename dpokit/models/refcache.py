@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from dpokit.config import Config
+from dpokit.data.cache import cache_dir, tokenizer_fingerprint
+from dpokit.data.cache import hash_json as _hash_json
 from dpokit.data.collate import TokenizedPair
 from dpokit.dist import Dist
 from dpokit.models.inference import inference_batches
@@ -59,13 +61,12 @@ class RefCacheWarning(UserWarning):
 # ---- where caches live ----------------------------------------------------------------------
 def resolve_cache_dir(configured: str | None) -> Path:
     """reference.cache_dir, else $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps."""
-    if configured:
-        return Path(configured).expanduser()
-    root = os.environ.get("DPOKIT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "dpokit") / "ref_logps"
+    return cache_dir("ref_logps", configured)
 
 
 # ---- fingerprints ---------------------------------------------------------------------------
+# tokenizer_fingerprint and the cache root live in dpokit.data.cache (imported above): the data
+# layer's tokenized-pairs cache needs them too and may not import models.
 def _reference_state(model: Any) -> list[tuple[str, Tensor]]:
     """(name, tensor) of the weights the reference computes with, named as in the plain model.
 
@@ -131,20 +132,6 @@ def model_config_fingerprint(model: Any) -> str:
     return _hash_json(kept)
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of the vocab, the special tokens and the chat template."""
-    specials = {
-        name: getattr(tokenizer, name, None)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
-    }
-    return _hash_json({
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special_tokens": sorted(map(str, tokenizer.all_special_tokens)),
-        "special_ids": specials,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    })
-
-
 def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
     """Hash of every pair's token ids, in order (the order is the index the table is keyed by)."""
     import array
@@ -157,11 +144,6 @@ def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
         for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids):
             h.update(array.array("q", ids).tobytes())
     return h.hexdigest()
-
-
-def _hash_json(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

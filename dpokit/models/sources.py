@@ -1,13 +1,15 @@
 """Model sources: where a model comes from, and loading / saving it without surprises.
 
-A *source* is what the user types after ``--model``. Three kinds are understood:
+A *source* is what the user types after ``--model``, tried in this order:
 
-* a local Hugging Face folder (it has a ``config.json``), loaded from safetensors only;
-* a ``.gguf`` file (llama.cpp format), dequantized into an ordinary dense transformers model;
+* a local Hugging Face folder (it has a ``config.json``), loaded from safetensors only, or a
+  ``.gguf`` file (llama.cpp format), dequantized into an ordinary dense transformers model;
 * an alias such as ``smollm2-135m-instruct`` naming a GGUF file that ships inside an installed
-  Python package (so the demo works offline, without the Hugging Face Hub).
-
-Hub ids (``org/name``) are deliberately not resolved: dpokit runs offline and never downloads.
+  Python package (so the demo works offline, without the Hugging Face Hub), or a builtin model;
+* a Hugging Face Hub id ``org/name`` or ``org/name@revision`` (branch, tag or commit), fetched into
+  the Hub cache with `dpokit.data.hub` (config, tokenizer and chat-template files, safetensors
+  weights; pickle weights only with ``allow_pickle``, model code only with ``trust_remote_code``).
+  With ``HF_HUB_OFFLINE=1`` the cache must already hold it; the error says which way it failed.
 
 Why this module exists rather than calling ``from_pretrained`` directly:
 
@@ -29,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from dpokit.data import hub
 from dpokit.errors import ModelError
 
 if TYPE_CHECKING:  # heavy imports stay lazy: resolving a source must not import transformers
+    from collections.abc import Callable
+
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -73,7 +78,9 @@ class ModelSource:
     kind: SourceKind
     path: Path
     gguf_file: str | None = None
-    name: str = ""  # what the user typed (alias or path), for messages
+    name: str = ""  # what the user typed (alias, path or Hub id), for messages
+    hub_id: str | None = None  # a Hub model: its repo id (org/name), e.g. a model card's base_model
+    revision: str | None = None  # a Hub model: the commit its files come from (resolved, not "main")
 
     @property
     def location(self) -> Path:
@@ -173,64 +180,97 @@ def _materialize_builtin(name: str) -> Path:
     return target
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    # "org/name" with no path punctuation: the shape of a Hugging Face Hub repo id.
-    if text.startswith((".", "/", "~")) or "\\" in text:
-        return False
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts)
-
-
-def resolve_source(name_or_path: str | Path) -> ModelSource:
+def resolve_source(
+    name_or_path: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> ModelSource:
     """Turn what the user typed into a `ModelSource`, or raise `ModelError` saying what is wrong.
 
-    Accepted: an alias from `ALIASES`, a local HF model folder (with ``config.json``), a ``.gguf``
-    file, or a folder holding exactly one ``.gguf`` file and no ``config.json``.
+    Tried in order: a local HF model folder (with ``config.json``), a ``.gguf`` file or a folder
+    holding exactly one ``.gguf`` file and no ``config.json``; an alias from `ALIASES` or
+    `BUILTIN_MODELS`; a Hugging Face Hub id (``org/name[@revision]``), fetched into the Hub cache.
+    `allow_pickle` / `trust_remote_code` also fetch a Hub model's pickle weights / code files.
     """
     text = str(name_or_path).strip()
     if not text:
-        raise ModelError(f"no model given; pass a model folder, a .gguf file or an alias ({_alias_list()})")
+        raise ModelError(
+            f"no model given; pass a model folder, a .gguf file, a Hub id (org/name) or an alias ({_alias_list()})"
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        return _resolve_local(text, path)
     alias = ALIASES.get(text.lower())
     if alias is not None:
         return _resolve_alias(text.lower(), alias)
     if text.lower() in BUILTIN_MODELS:
         return ModelSource("hf_dir", _materialize_builtin(text.lower()), None, name=text)
+    # org/name[@revision]; a missing relative path of that shape is tried too (the error names both)
+    ref = hub.parse_hub_id(text)
+    if ref is not None:
+        return _resolve_hub(text, ref, allow_pickle, trust_remote_code)
 
-    path = Path(text).expanduser()
+    # Not on disk and no id: explain what it could have meant.
+    hints: list[str] = []
+    close = difflib.get_close_matches(text.lower(), list(ALIASES), n=1, cutoff=0.6)
+    if close:
+        hints.append(f"did you mean the alias '{close[0]}'?")
+    hints.append("a Hugging Face Hub id looks like org/name or org/name@revision")
+    hints.append(f"known aliases: {_alias_list()}")
+    raise ModelError(f"model path '{text}' does not exist; " + "; ".join(hints))
+
+
+def _resolve_local(text: str, path: Path) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return ModelSource("gguf", path.resolve().parent, path.name, name=text)
         raise ModelError(
             f"model '{text}' is a file but not a .gguf file; pass the model folder (the one with config.json) instead"
         )
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return ModelSource("hf_dir", path.resolve(), None, name=text)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ModelSource("gguf", path.resolve(), ggufs[0], name=text)
-        if ggufs:
-            raise ModelError(
-                f"model folder '{text}' holds several .gguf files ({', '.join(ggufs)}); pass the path of one of them"
-            )
-        raise ModelError(f"'{text}' is not a model folder: it has no config.json and no .gguf file")
-
-    # Not on disk: explain what it could have meant.
-    hints: list[str] = []
-    close = difflib.get_close_matches(text.lower(), list(ALIASES), n=1, cutoff=0.6)
-    if close:
-        hints.append(f"did you mean the alias '{close[0]}'?")
-    if _looks_like_hub_id(text):
-        hints.append(
-            "Hugging Face Hub ids are not supported: dpokit works offline and never downloads. "
-            "Download the model elsewhere (e.g. `hf download ORG/NAME --local-dir DIR`) and pass DIR"
+    if (path / "config.json").is_file():
+        return ModelSource("hf_dir", path.resolve(), None, name=text)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", path.resolve(), ggufs[0], name=text)
+    if ggufs:
+        raise ModelError(
+            f"model folder '{text}' holds several .gguf files ({', '.join(ggufs)}); pass the path of one of them"
         )
-    hints.append(f"known aliases: {_alias_list()}")
-    raise ModelError(f"model path '{text}' does not exist; " + "; ".join(hints))
+    raise ModelError(f"'{text}' is not a model folder: it has no config.json and no .gguf file")
 
 
-def _as_source(source: ModelSource | str | Path) -> ModelSource:
-    return source if isinstance(source, ModelSource) else resolve_source(source)
+# The files of a Hub model repo that loading needs: config, generation config, tokenizer and chat
+# template files, safetensors weights under transformers' names (model.safetensors, sharded
+# model-0000x-of-0000n.safetensors + index), so copies such as consolidated.safetensors are skipped.
+_HUB_MODEL_FILES = [
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.*", "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template.json",
+    "chat_template.jinja", "additional_chat_templates/*", "model*.safetensors", "model*.safetensors.index.json",
+]  # fmt: skip
+_HUB_PICKLE_FILES = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
+
+
+def _resolve_hub(text: str, ref: hub.HubRef, allow_pickle: bool, trust_remote_code: bool) -> ModelSource:
+    """A Hub model's snapshot folder in the Hub cache (downloaded unless HF_HUB_OFFLINE is set)."""
+    patterns = _HUB_MODEL_FILES + (_HUB_PICKLE_FILES if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
+    try:
+        folder = hub.snapshot(ref, "model", patterns)
+    except hub.HubError as exc:
+        raise ModelError(f"model '{text}' is not a local folder, file or alias; {exc}") from None
+    source = ModelSource("hf_dir", folder, None, name=text, hub_id=ref.repo_id, revision=folder.name)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"Hub model '{ref}' has no config.json ({folder}); dpokit loads transformers models")
+    fmt = _weight_format(folder)  # offline, the cache may hold files another tool fetched: check here too
+    if fmt == "none" or (fmt == "pickle" and not allow_pickle):
+        pickle_hint = (
+            "" if allow_pickle
+            else "; pickle weights (pytorch_model*.bin) are fetched and loaded only with model.allow_pickle: true"
+        )  # fmt: skip
+        raise ModelError(f"Hub model '{ref}' has no model*.safetensors weights ({folder}){pickle_hint}")
+    logger.info("model %s: Hub snapshot %s", text, folder)
+    return source
+
+
+def _as_source(source: ModelSource | str | Path, allow_pickle: bool = False) -> ModelSource:
+    return source if isinstance(source, ModelSource) else resolve_source(source, allow_pickle=allow_pickle)
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -310,7 +350,7 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    src = _as_source(source)
+    src = _as_source(source, allow_pickle)
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if attn_implementation == "varlen":  # dpokit's own kernel (dpokit/models/varlen.py)
         from dpokit.models import varlen
@@ -451,3 +491,62 @@ def save_pretrained_clean(model: Any, tokenizer: Any, out_dir: str | Path) -> Pa
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+# ---- materialising GGUF sources -------------------------------------------------------------
+
+
+def materialize_cache_dir() -> Path:
+    """Where dpokit keeps the models it builds or converts: ``$DPOKIT_CACHE/models``
+    (default ``~/.cache/dpokit/models``)."""
+    import os
+
+    return Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "models"
+
+
+def _materialize_log(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)  # stdout may be machine-readable (`dpokit evaluate --json`)
+
+
+def materialize_gguf(source: ModelSource | str | Path, log: Callable[[str], None] | None = None) -> ModelSource:
+    """The source as an ordinary Hugging Face folder: a GGUF file is dequantized once into
+    ``$DPOKIT_CACHE/models/<stem>-<size>-<mtime>-hf`` (safetensors + tokenizer) and that folder is
+    returned as an ``hf_dir`` source with the same name; other sources are returned unchanged.
+
+    Why: dequantizing a GGUF file takes ~20 s on a CPU for a 135M model while the safetensors folder
+    loads in about a second, and a run loads its base several times (policy, reference, evaluation).
+    The folder is also what a LoRA adapter trained on the GGUF records as its base, because peft
+    needs a path ``from_pretrained`` can load. The file's size and mtime are in the folder name, so a
+    changed GGUF gets a new folder instead of stale weights. Written under a temporary name and
+    renamed, so a crash or a second process never leaves a half-written folder behind.
+    """
+    import dataclasses
+    import os
+    import shutil
+    import time
+
+    src = _as_source(source)
+    if src.kind != "gguf":
+        return src
+    gguf_path = src.location
+    stat = gguf_path.stat()
+    cache = materialize_cache_dir()
+    target = cache / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}-hf"
+    if not (target / "config.json").is_file():
+        log = log or _materialize_log
+        log(f"converting {src} to a safetensors folder in {cache} (once; later runs load that folder)")
+        start = time.perf_counter()
+        model = load_model(src)
+        tokenizer = load_tokenizer(src)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{target.name}.tmp-{os.getpid()}"
+        save_pretrained_clean(model, tokenizer, tmp)
+        del model
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"converted {src.name or gguf_path.name} in {time.perf_counter() - start:.0f}s: {target}")
+    return dataclasses.replace(src, kind="hf_dir", path=target, gguf_file=None)

@@ -1,6 +1,6 @@
 """What a training objective is: the interface between the training loop and everything it does not know.
 
-The loop (`dpokit.train.loop`) owns optimisation, accumulation, clipping, non-finite guards,
+The loop (`dpokit.training.loop`) owns optimisation, accumulation, clipping, non-finite guards,
 signals, checkpoints, logging, the eval schedule and the final save. An `Objective` owns the rest:
 
     rows        which files it reads and how (`load_examples`), how long an example is for length
@@ -14,7 +14,7 @@ signals, checkpoints, logging, the eval schedule and the final save. An `Objecti
                 warnings it reads from the training rows (`check_rows`).
 
 DPO (`dpokit.objectives.dpo`) is the first objective; a new one subclasses `Objective` and is
-handed to `dpokit.train.loop.train(cfg, objective=...)` without touching the loop.
+handed to `dpokit.training.loop.train(cfg, objective=...)` without touching the loop.
 
 Also here: `MetricAccumulator`, which averages per-example values over micro-batches and
 processes, and `evaluate_examples`, the objective-agnostic evaluation over a list of examples.
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from dpokit.config import Config
+from dpokit.data.files import expand_files
 from dpokit.dist import Dist
 from dpokit.models.inference import inference_batches
 from dpokit.models.loading import load_policy, save_final
@@ -81,6 +82,13 @@ class Objective:
     def save(self, model: Any, tokenizer: Any, out_dir: Path) -> dict[str, str]:
         """Write the trained model (main process only); returns what was written, by kind."""
         return save_final(model, tokenizer, self.cfg, out_dir)
+
+    def preflight(self, train_files: list[str], eval_files: list[str]) -> None:
+        """Cheap checks of the data before any model loads (files exist and are readable; the
+        objective may also validate the first rows): a typo in a path must not cost a model load."""
+        for files in (train_files, eval_files):
+            if files:
+                expand_files(files)
 
     def load_examples(self, files: list[str], tokenizer: Any, skipped_path: Path | None) -> tuple[list[Any], Any]:
         """(examples, summary with a `render()` method) for `files`; bad rows raise DataError."""

@@ -27,7 +27,7 @@ from dpokit.data.collate import TokenizedPair
 from dpokit.errors import ConfigError
 from dpokit.models import layout, refcache
 from dpokit.models import reference as references
-from dpokit.models.forward import LM_HEAD_CHUNK, concatenated_logps
+from dpokit.models.forward import LM_HEAD_CHUNK, PolicyLogps, concatenated_logps
 from dpokit.objectives.base import Batch, Objective, ObjectiveSetup
 from dpokit.objectives.losses import LOSSES, LossOutput, LossParams, compute_loss
 
@@ -40,6 +40,8 @@ PAIR_KEYS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
+    "logratios/chosen",
+    "logratios/rejected",
 )
 
 
@@ -68,7 +70,20 @@ def pair_length(pair: TokenizedPair) -> int:
     return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
-def pair_values(out: LossOutput, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> Tensor:
+def per_token_logratio(policy_logps: Tensor, ref_logps: Tensor | None, lengths: Tensor) -> Tensor:
+    """(log pi(y|x) - log ref(y|x)) / |y|: nats per response token the policy moved away from the
+    reference (just log pi / |y| for reference-free losses). (B,) detached fp32.
+
+    Per token and relative to the reference, so it compares across batches of different lengths
+    and pairs: the summed `logps/chosen` of a batch mostly measures how long its responses are.
+    """
+    moved = policy_logps.detach().float() - (0.0 if ref_logps is None else ref_logps.detach().float())
+    return moved / lengths.to(moved.device).float().clamp(min=1.0)
+
+
+def pair_values(
+    out: LossOutput, pol: PolicyLogps, ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None
+) -> Tensor:
     """Stack the per-pair metric values in PAIR_KEYS order: (len(PAIR_KEYS), B), detached fp32."""
     chosen, rejected = out.chosen_rewards.detach().float(), out.rejected_rewards.detach().float()
     return torch.stack(
@@ -78,34 +93,48 @@ def pair_values(out: LossOutput, policy_chosen_logps: Tensor, policy_rejected_lo
             rejected,
             chosen - rejected,
             (chosen > rejected).float(),
-            policy_chosen_logps.detach().float(),
-            policy_rejected_logps.detach().float(),
+            pol.chosen_logps.detach().float(),
+            pol.rejected_logps.detach().float(),
+            per_token_logratio(pol.chosen_logps, ref_chosen_logps, pol.chosen_lengths),
+            per_token_logratio(pol.rejected_logps, ref_rejected_logps, pol.rejected_lengths),
         ]
     )
 
 
-def likelihood_displacement(history: Sequence[dict[str, Any]], window: int = 5, min_drop: float = 1.0) -> str | None:
-    """A warning when chosen log-probs fall steadily while reward margins rise, else None.
+def likelihood_displacement(history: Sequence[dict[str, Any]], min_drop: float = 0.05) -> str | None:
+    """A warning when the chosen responses become steadily LESS likely than under the reference
+    while the reward margins rise, else None. Pure: logged rows in, message out.
 
     DPO only pushes the *margin* up; it can do so while lowering the likelihood of the chosen
     responses too ("likelihood displacement", Razin et al. 2024), moving probability mass to
-    responses that were in neither set. Looks at the last `window` logged training rows:
-    `logps/chosen` must fall in at least 3/4 of the intervals and by at least `min_drop` nats
-    overall, while `rewards/margins` rises over the window. Pure: rows in, message out.
+    responses that were in neither set. The signal is `logratios/chosen`: the per-token log-ratio
+    policy / reference of the chosen responses. It is read on a fixed probe when there is one
+    (the eval pairs, `eval/...` rows: the same pairs every time, so a trend is the model's and not
+    the batches'), else on the training rows (different pairs each row; per token and relative to
+    the reference, so lengths and easy-vs-hard pairs mostly cancel). Over the last `window` rows
+    (3 eval rows, or 5 training rows) the log-ratio must fall in at least 3/4 of the intervals,
+    by at least `min_drop` nats per token overall, and end at least `min_drop / 2` below 0 (the
+    policy now finds the chosen responses clearly less likely than the reference did), while
+    `rewards/margins` rises.
     """
-    rows = [r for r in history if "logps/chosen" in r and "rewards/margins" in r][-window:]
-    if window < 2 or len(rows) < window:
+    for prefix, window in (("eval/", 3), ("", 5)):
+        rows = [r for r in history if f"{prefix}logratios/chosen" in r and f"{prefix}rewards/margins" in r]
+        if len(rows) >= window:
+            break
+    else:
         return None
-    chosen = [float(r["logps/chosen"]) for r in rows]
-    margins = [float(r["rewards/margins"]) for r in rows]
-    falls = sum(b < a for a, b in zip(chosen, chosen[1:]))
-    if falls * 4 < 3 * (window - 1) or chosen[0] - chosen[-1] < min_drop or margins[-1] <= margins[0]:
+    rows = rows[-window:]
+    ratio = [float(r[f"{prefix}logratios/chosen"]) for r in rows]
+    margins = [float(r[f"{prefix}rewards/margins"]) for r in rows]
+    falls = sum(b < a for a, b in zip(ratio, ratio[1:]))
+    if falls * 4 < 3 * (window - 1) or ratio[0] - ratio[-1] < min_drop or ratio[-1] > -min_drop / 2 or margins[-1] <= margins[0]:
         return None
+    probe = "the eval pairs" if prefix else "the training batches"
     return (
-        f"likelihood displacement: logps/chosen fell from {chosen[0]:.2f} to {chosen[-1]:.2f} over the last "
-        f"{window} log steps while rewards/margins rose from {margins[0]:.3f} to {margins[-1]:.3f}; the model "
-        "is making the preferred responses less likely too (Razin et al. 2024). Consider loss.nll_weight "
-        "(e.g. 0.1-1.0) to keep the chosen log-probs up"
+        f"likelihood displacement: on {probe}, the chosen responses' log-ratio to the reference fell from "
+        f"{ratio[0]:+.3f} to {ratio[-1]:+.3f} nats/token over the last {window} log rows while rewards/margins "
+        f"rose from {margins[0]:.3f} to {margins[-1]:.3f}; the model is making the preferred responses less "
+        "likely too (Razin et al. 2024). Consider loss.nll_weight (e.g. 0.1-1.0) to keep the chosen log-probs up"
     )
 
 
@@ -190,7 +219,7 @@ class DPOObjective(Objective):
             self.params,
             nll_weight=self.cfg.loss.nll_weight,
         )
-        return out.losses.mean(), pair_values(out, pol.chosen_logps, pol.rejected_logps)
+        return out.losses.mean(), pair_values(out, pol, ref_chosen_logps, ref_rejected_logps)
 
     # ---- reporting -----------------------------------------------------------------------------
     def check_rows(self, rows: Sequence[dict[str, Any]]) -> str | None:

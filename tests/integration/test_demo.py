@@ -88,7 +88,7 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
     import torch
 
     from dpokit.apps.demo import _load_lora_model, _load_stage_weights
-    from dpokit.train import checkpoint as ckpt
+    from dpokit.training import checkpoint as ckpt
 
     cfg = build_config(DemoSettings(config=str(PRESETS / "demo.yaml"), quick=True,
                                     overrides=["model.name_or_path=tiny-random-llama", "train.max_steps=4"]), out)  # fmt: skip

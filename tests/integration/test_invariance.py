@@ -22,7 +22,7 @@ from dpokit.models.loading import load_policy
 from dpokit.models.reference import build_reference
 from dpokit.objectives.base import MetricAccumulator
 from dpokit.objectives.dpo import PAIR_KEYS, DPOObjective, reference_mode
-from dpokit.train.loop import accumulate_gradients
+from dpokit.training.loop import accumulate_gradients
 from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]

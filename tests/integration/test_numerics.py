@@ -14,8 +14,8 @@ from dpokit.config import Config
 from dpokit.errors import DpokitError
 from dpokit.objectives import dpo
 from dpokit.objectives.dpo import DPOObjective
-from dpokit.train import loop as trainer
-from dpokit.train.checkpoint import CHECKPOINTS, WEIGHTS, folder_name
+from dpokit.training import loop as trainer
+from dpokit.training.checkpoint import CHECKPOINTS, WEIGHTS, folder_name
 from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,24 +107,37 @@ def test_displacement_warning_goes_to_console_and_metrics(
     assert capsys.readouterr().out.count("warning: displaced!") == 1
 
 
-def _history(chosen: list[float], margins: list[float]) -> list[dict[str, float]]:
-    return [{"step": 10 * i, "logps/chosen": c, "rewards/margins": m} for i, (c, m) in enumerate(zip(chosen, margins))]
+def _history(chosen: list[float], margins: list[float], prefix: str = "") -> list[dict[str, float]]:
+    """Logged rows with the chosen responses' per-token log-ratio to the reference and the margins."""
+    return [{"step": 10 * i, f"{prefix}logratios/chosen": c, f"{prefix}rewards/margins": m}
+            for i, (c, m) in enumerate(zip(chosen, margins))]  # fmt: skip
 
 
 def test_likelihood_displacement_detector() -> None:
-    falling, rising = [-50.0, -51.5, -52.0, -54.0, -55.0, -57.0], [0.1, 0.3, 0.4, 0.6, 0.9, 1.2]
+    falling, rising = [-0.01, -0.04, -0.05, -0.09, -0.11, -0.15], [0.1, 0.3, 0.4, 0.6, 0.9, 1.2]
     msg = dpo.likelihood_displacement(_history(falling, rising))
-    assert msg is not None and "logps/chosen fell from -51.50 to -57.00" in msg
-    assert "rewards/margins rose" in msg and "loss.nll_weight" in msg
+    assert msg is not None and "log-ratio to the reference fell from -0.040 to -0.150 nats/token" in msg
+    assert "training batches" in msg and "rewards/margins" in msg and "rose" in msg and "loss.nll_weight" in msg
     # one noisy uptick out of four intervals is still "steady"
-    assert dpo.likelihood_displacement(_history([-50, -52, -51.5, -53, -55], rising[:5])) is not None
-    assert dpo.likelihood_displacement(_history([-50, -49, -48, -47, -46], rising[:5])) is None  # chosen rises
+    assert dpo.likelihood_displacement(_history([-0.01, -0.03, -0.025, -0.05, -0.08], rising[:5])) is not None
+    assert dpo.likelihood_displacement(_history([-0.1, -0.08, -0.06, -0.04, -0.02], rising[:5])) is None  # chosen rises
     assert dpo.likelihood_displacement(_history(falling[:5], [1.0, 0.9, 0.8, 0.7, 0.6])) is None  # margins fall
-    assert dpo.likelihood_displacement(_history([-50, -52, -50, -52, -51], rising[:5])) is None  # noise
-    assert dpo.likelihood_displacement(_history([-50.0, -50.1, -50.2, -50.3, -50.4], rising[:5])) is None  # tiny drop
+    assert dpo.likelihood_displacement(_history([-0.01, -0.03, -0.01, -0.03, -0.02], rising[:5])) is None  # noise
+    assert dpo.likelihood_displacement(_history([-0.010, -0.011, -0.012, -0.013, -0.014], rising[:5])) is None  # tiny
+    assert dpo.likelihood_displacement(_history([0.3, 0.25, 0.2, 0.15, 0.1], rising[:5])) is None  # still above ref
     assert dpo.likelihood_displacement(_history(falling[:4], rising[:4])) is None  # too few rows yet
-    eval_rows = [{"step": 1, "eval/loss": 0.5}, {"step": 2, "warnings": ["x"]}]  # other rows are ignored
-    assert dpo.likelihood_displacement(eval_rows + _history(falling, rising)) == msg
+    other_rows = [{"step": 1, "eval/loss": 0.5}, {"step": 2, "warnings": ["x"]}]  # other rows are ignored
+    assert dpo.likelihood_displacement(other_rows + _history(falling, rising)) == msg
+
+
+def test_displacement_reads_the_eval_probe_first() -> None:
+    """With three eval rows (the same pairs each time) the trend is read there, not on the batches."""
+    noisy_train = _history([-0.01, -0.04, -0.05, -0.09, -0.11], [0.1, 0.3, 0.4, 0.6, 0.9])
+    healthy_eval = _history([0.02, 0.05, 0.08], [0.2, 0.5, 0.8], prefix="eval/")
+    assert dpo.likelihood_displacement(noisy_train + healthy_eval) is None
+    displaced_eval = _history([-0.02, -0.06, -0.12], [0.2, 0.5, 0.8], prefix="eval/")
+    msg = dpo.likelihood_displacement(displaced_eval + noisy_train[:2])
+    assert msg is not None and "on the eval pairs" in msg and "from -0.020 to -0.120" in msg
 
 
 def test_logps_and_loss_are_float32_under_bf16_autocast(tiny_model_dir: Path) -> None:
@@ -153,3 +166,44 @@ def test_logps_and_loss_are_float32_under_bf16_autocast(tiny_model_dir: Path) ->
     assert ref_chosen.dtype == ref_rejected.dtype == torch.float32
     assert loss.dtype == values.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()  # and the backward through the bf16 model works
+
+
+def _swap_pairs(path: Path, n: int, seed: int) -> Path:
+    """Pairs whose rejected response is the chosen one with its 2nd word swapped: the tokens after the
+    swap are the same in both, in slightly different contexts, so pushing the rejected ones down drags
+    the chosen ones with them (the similar-responses case of Razin et al. 2024)."""
+    import random
+
+    words = "the a cat dog sat ran on under mat rug red blue big small".split()
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(6))
+        x = [rng.choice(words) for _ in range(10)]
+        y = list(x)
+        y[1] = rng.choice([w for w in words if w != x[1]])
+        rows.append({"prompt": prompt, "chosen": " " + " ".join(x), "rejected": " " + " ".join(y)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("case", ["healthy", "displaced"])
+def test_displacement_warning_on_a_real_run(tiny_model_dir: Path, tmp_path: Path, case: str) -> None:
+    """A healthy run (the toy pairs: chosen log-probs rise with the margins) gives no warning; a run
+    that really displaces the chosen responses (see _swap_pairs) is warned about, on the eval probe."""
+    if case == "healthy":
+        train_file, eval_file = TOY / "train.jsonl", TOY / "eval.jsonl"
+    else:
+        train_file, eval_file = _swap_pairs(tmp_path / "t.jsonl", 64, 0), _swap_pairs(tmp_path / "e.jsonl", 16, 1)
+    out = tmp_path / case
+    trainer.train(_cfg(tiny_model_dir, out, "train.max_steps=20", "train.log_every=2", "train.eval_every=4",
+                       "train.warmup_steps=0", "train.lr=3e-3", f"data.train_files=[{train_file}]",
+                       f"data.eval_files=[{eval_file}]"))  # fmt: skip
+    rows = _rows(out)
+    ratios = [r["eval/logratios/chosen"] for r in rows if "eval/logratios/chosen" in r]
+    warned = [w for r in rows for w in r.get("warnings", [])]
+    if case == "healthy":
+        assert warned == [] and ratios[-1] > ratios[0] > 0
+    else:  # the chosen responses end clearly less likely than under the reference, margins up
+        margins = [r["eval/rewards/margins"] for r in rows if "eval/rewards/margins" in r]
+        assert len(warned) == 1 and "on the eval pairs" in warned[0]
+        assert ratios[-1] < -0.05 and margins[-1] > margins[-3]  # over the three eval rows the check reads

@@ -16,7 +16,7 @@ from dpokit.config import Config
 from dpokit.data.files import read_rows
 from dpokit.errors import DataError
 from dpokit.objectives.base import Batch, Objective
-from dpokit.train.loop import train
+from dpokit.training.loop import train
 from tests.conftest import PRESETS
 
 WORDS = "the a cat dog sat ran on under mat rug red blue big small".split()

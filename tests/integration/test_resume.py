@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.cli import main
-from dpokit.train.checkpoint import CHECKPOINTS, WEIGHTS, list_checkpoints
+from dpokit.training.checkpoint import CHECKPOINTS, WEIGHTS, list_checkpoints
+from dpokit.training.outputs import COMPLETE
 from tests.conftest import PRESETS, TOY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +147,7 @@ def test_a_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(
     shutil.copytree(out, reference)
     newest = out / CHECKPOINTS / "step-00000006" / WEIGHTS
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated safetensors
+    (out / COMPLETE).unlink()  # as if killed after the last checkpoint: a finished run is not resumed
     capsys.readouterr()
 
     assert main([*_args(tiny_model_dir, out), *common, "train.resume=auto"]) == 0

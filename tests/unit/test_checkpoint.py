@@ -1,4 +1,4 @@
-"""dpokit.train.checkpoint on a small module: exact round trip, atomic publish, pruning, and refusal of
+"""dpokit.training.checkpoint on a small module: exact round trip, atomic publish, pruning, and refusal of
 missing, truncated, inconsistent or pickled files (with a fall-back to the previous checkpoint)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dpokit.errors import DpokitError
-from dpokit.train import checkpoint as C
+from dpokit.training import checkpoint as C
 
 
 def _objects(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

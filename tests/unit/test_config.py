@@ -71,7 +71,7 @@ def test_schema_errors_name_the_key(raw: dict, needle: str) -> None:
         ("loss.label_smoothing=0.5", "loss.label_smoothing must be in [0, 0.5)"),
         ("loss.type=dpoo", "loss.type 'dpoo' is not one of"),
         ("reference.mode=adapter", "reference.mode=adapter needs lora.enabled=true"),
-        ("train.report_to=[wandb]", "unknown logger"),
+        ("train.report_to=[mlflow]", "unknown logger"),
     ],
 )
 def test_impossible_values_are_refused(override: str, needle: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 HEAVY = ("transformers", "accelerate", "peft", "datasets")
 
 
-@pytest.mark.parametrize("module", ["dpokit", "dpokit.objectives.losses", "dpokit.models.logps", "dpokit.data.collate", "dpokit.data.packing", "dpokit.config", "dpokit.errors", "dpokit.resources", "dpokit.train.hooks"])
+@pytest.mark.parametrize("module", ["dpokit", "dpokit.objectives.losses", "dpokit.models.logps", "dpokit.data.collate", "dpokit.data.packing", "dpokit.config", "dpokit.errors", "dpokit.resources", "dpokit.training.hooks"])
 def test_module_imports_without_heavy_dependencies(module: str) -> None:
     code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

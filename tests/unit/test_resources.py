@@ -168,7 +168,7 @@ def test_cli_train_preset_and_user_file(tmp_path: Path, tiny_model_dir: Path, ca
 def test_cli_train_stopped_names_the_preset_in_the_resume_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dpokit.train import loop
+    from dpokit.training import loop
 
     seen: list[Config] = []
 

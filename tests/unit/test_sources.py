@@ -171,10 +171,13 @@ def test_resolve_errors(tmp_path, make, expected):
         assert "smollm2-135m-instruct" in str(info.value)  # lists the known aliases
 
 
-def test_resolve_hub_id_and_alias_typo():
-    with pytest.raises(ModelError, match="Hub ids are not supported") as info:
+def test_resolve_hub_id_and_alias_typo(tmp_path, monkeypatch):
+    # Hub ids are fetched into the Hub cache (tests/unit/test_hub.py); offline, an uncached one is refused
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="is not in the local Hugging Face cache") as info:
         resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert "offline" in str(info.value)
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in str(info.value)
     with pytest.raises(ModelError, match="did you mean the alias 'smollm2-135m-instruct'"):
         resolve_source("smollm2-135m-instruc")
 

@@ -6,7 +6,7 @@ objective turns the batch into a mean loss and per-example values -> backward (s
 
 The loop knows nothing about preference pairs: what a batch is, what its loss and metrics are,
 what a reference is and which warnings to give belong to the `Objective`
-(`dpokit.objectives.base`; DPO is `dpokit.objectives.dpo`). Hooks (`dpokit.train.hooks`) watch it.
+(`dpokit.objectives.base`; DPO is `dpokit.objectives.dpo`). Hooks (`dpokit.training.hooks`) watch it.
 Set-up, evaluation, logging and checkpointing are named helpers below, not inline blocks.
 """
 
@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dpokit.config import Config
+from dpokit.data.files import data_files
 from dpokit.data.stream import ExampleStream
 from dpokit.dist import Dist, make_accelerator
 from dpokit.errors import DpokitError
@@ -37,11 +39,13 @@ from dpokit.models.layout import attn_implementation_of
 from dpokit.models.loading import resolve_dtype
 from dpokit.objectives.base import MetricAccumulator, Objective, ObjectiveSetup, evaluate_examples
 from dpokit.objectives.dpo import DPOObjective
-from dpokit.train import checkpoint as ckpt
-from dpokit.train import metrics as M
-from dpokit.train.hooks import Hook
-from dpokit.train.optim import build_optimizer, build_scheduler, total_steps
-from dpokit.train.signals import StopSignals
+from dpokit.training import card as cards
+from dpokit.training import checkpoint as ckpt
+from dpokit.training import metrics as M
+from dpokit.training import outputs
+from dpokit.training.hooks import Hook
+from dpokit.training.optim import build_optimizer, build_scheduler, total_steps
+from dpokit.training.signals import StopSignals
 
 
 @dataclass
@@ -53,6 +57,7 @@ class TrainResult:
     written: dict[str, str] = field(default_factory=dict)
     stopped_by: int = 0  # the signal that stopped the run early (0: it ran to the end)
     checkpoint: str = ""  # the checkpoint written when it stopped early
+    already_complete: bool = False  # train.resume=auto found the run finished: nothing was trained
 
 
 def accumulate_gradients(
@@ -79,25 +84,6 @@ def accumulate_gradients(
 
 
 # ---- setup ------------------------------------------------------------------------------
-def prepare_output_dir(cfg: Config) -> Path:
-    """Create output_dir, refuse to clobber another run unless train.overwrite, check it is writable."""
-    out = Path(cfg.train.output_dir)
-    resuming = ckpt.resume_mode(cfg.train.resume) != "no"  # continuing a run in its own folder
-    if (out / "config.yaml").exists() and not cfg.train.overwrite and not resuming:
-        raise DpokitError(
-            f"train.output_dir {out} already holds a run (config.yaml); continue it with train.resume=auto, "
-            "choose another folder, or pass train.overwrite=true"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dpokit_write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise DpokitError(f"train.output_dir {out} is not writable: {exc.strerror or exc}") from None
-    return out
-
-
 @dataclass
 class Setup:
     accelerator: Any
@@ -108,6 +94,7 @@ class Setup:
     eval_examples: list[Any]
     collator: Any
     lm_head_chunk: int
+    summaries: dict[str, Any] = field(default_factory=dict)  # split -> the objective's data summary (model card)
 
 
 def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
@@ -119,13 +106,15 @@ def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     policy, tokenizer = objective.load_model(dtype)
     skipped = out / "skipped.jsonl" if dist.is_main else None  # data.on_bad_row=skip lists them
-    train_examples, summary = objective.load_examples(cfg.data.train_files, tokenizer, skipped)
+    train_files, eval_files = data_files(cfg.data, cfg.train.seed)  # Hub splits, eval_fraction, train_weights
+    train_examples, summary = objective.load_examples(train_files, tokenizer, skipped)
     dist.print(summary.render())
     eval_examples: list[Any] = []
-    if cfg.data.eval_files:
+    summaries = {"train": summary}  # for the model card
+    if eval_files:  # data.eval_files, or the slice data.eval_fraction holds out of the training rows
         skipped_eval = out / "skipped_eval.jsonl" if dist.is_main else None
-        eval_examples, eval_summary = objective.load_examples(cfg.data.eval_files, tokenizer, skipped_eval)
-        dist.print(eval_summary.render())
+        eval_examples, summaries["eval"] = objective.load_examples(eval_files, tokenizer, skipped_eval)
+        dist.print(summaries["eval"].render())
     if not train_examples:
         raise DpokitError(f"no training {objective.unit} left after validation and truncation (see the summary above)")
     # The decoder-direct chunked head bypasses the wrapper's forward, which DDP/FSDP need.
@@ -135,7 +124,8 @@ def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
     dist.print(f"batches: {collator.describe()}")
     splits = {"train": train_examples, "eval": eval_examples}
     objective.prepare(ObjectiveSetup(policy, tokenizer, dtype, dist, collator, lm_head_chunk, splits))
-    return Setup(accelerator, dist, policy, tokenizer, train_examples, eval_examples, collator, lm_head_chunk)
+    return Setup(accelerator, dist, policy, tokenizer, train_examples, eval_examples, collator, lm_head_chunk,
+                 summaries)
 
 
 # ---- the loop ---------------------------------------------------------------------------
@@ -183,15 +173,35 @@ class _Run:
     hooks: Sequence[Hook] = ()
     logger: Any = None  # M.MetricsLogger, opened once the resume point is known
     bar: Any = None
+    bar_on: bool = False  # a live progress bar (a terminal); else one console line per log step
 
 
 def train(cfg: Config, objective: Objective | None = None, hooks: Sequence[Hook] = ()) -> TrainResult:
     """Train `cfg.model` with `objective` (default: DPO, `loss.type`) on `cfg.data.train_files`;
-    write everything to train.output_dir. `hooks` observe the loop (`dpokit.train.hooks`)."""
+    write everything to train.output_dir. `hooks` observe the loop (`dpokit.training.hooks`)."""
     cfg.validate()
     objective = objective or DPOObjective(cfg)
     objective.validate()
-    out = prepare_output_dir(cfg)
+    done = outputs.read_completion(Path(cfg.train.output_dir))
+    if done is not None and ckpt.resume_mode(cfg.train.resume) == "auto":  # finished: never train it again
+        print(outputs.finished_message(Path(cfg.train.output_dir), done), flush=True)
+        return TrainResult(cfg.train.output_dir, done.steps, written=done.written, already_complete=True)
+    objective.preflight(*data_files(cfg.data, cfg.train.seed))  # bad data fails before the model loads
+    out, created = outputs.prepare(cfg)
+    try:
+        run, state = _start(cfg, out, objective, hooks)
+    except BaseException:
+        outputs.discard_if_unused(out, created)  # no empty run folder after a failed start
+        raise
+    with StopSignals() as signals:
+        stopped = _run_steps(run, state, signals)
+        if stopped is not None:
+            return stopped
+        return _finish(run, state)
+
+
+def _start(cfg: Config, out: Path, objective: Objective, hooks: Sequence[Hook]) -> tuple[_Run, LoopState]:
+    """Everything before the first step: set-up, optimizer, wrapping, data order, resume, logger."""
     s = setup(cfg, out, objective)
     acc, t = s.accelerator, cfg.train
     steps = total_steps(cfg, len(s.train_examples), s.dist.world)
@@ -209,15 +219,14 @@ def train(cfg: Config, objective: Objective | None = None, hooks: Sequence[Hook]
     state = _resume(run)  # a fresh LoopState unless train.resume finds a checkpoint
     if s.dist.is_main:
         cfg.save(out / "config.yaml")
-    run.logger = M.MetricsLogger(out, t.report_to, enabled=s.dist.is_main, append=state.step > 0)
-    run.bar = _progress_bar(steps, enabled=t.progress_bar and s.dist.is_main, initial=state.step, desc=objective.name)
+    run.logger = M.MetricsLogger(out, t.report_to, enabled=s.dist.is_main, append=state.step > 0,
+                                 config=cfg.to_dict())  # fmt: skip
+    # A bar on a terminal; in a log file (no TTY) one plain line per log step instead of \r frames.
+    run.bar_on = t.progress_bar and s.dist.is_main and sys.stderr.isatty()
+    run.bar = _progress_bar(steps, enabled=run.bar_on, initial=state.step, desc=objective.name)
     for hook in hooks:
         hook.on_setup({"batches": s.collator.describe(), "attention": attn_implementation_of(policy)})
-    with StopSignals() as signals:
-        stopped = _run_steps(run, state, signals)
-        if stopped is not None:
-            return stopped
-        return _finish(run, state)
+    return run, state
 
 
 def _run_steps(run: _Run, state: LoopState, signals: StopSignals) -> TrainResult | None:
@@ -278,6 +287,10 @@ def _finish(run: _Run, state: LoopState) -> TrainResult:
     # weights for AdamW) is no longer needed, so free it first: the save must not set the peak.
     run.optimizer.state.clear()
     written = _save(run)
+    if s.dist.is_main:  # last of all: only now does the folder hold a finished run
+        outputs.mark_complete(run.out, steps, written)
+    s.dist.barrier()
+    _push(run)
     return TrainResult(str(run.out), steps, state.last, eval_metrics, written)
 
 
@@ -351,8 +364,10 @@ def _stopped(run: _Run, state: LoopState, signum: int, saved: Path) -> TrainResu
 
 # ---- logging --------------------------------------------------------------------------
 def _log(run: _Run, state: LoopState, step: int, row: dict[str, Any]) -> None:
+    """Write one metrics row (training, eval or warnings) and let the objective read the trend."""
     run.logger.log(step, row)
     state.rows += 1
+    _check_warnings(run, state, row)
 
 
 def _log_train_row(run: _Run, state: LoopState, grad_norm: Tensor | None, tokens_per_sec: float) -> dict[str, Any]:
@@ -372,19 +387,19 @@ def _log_train_row(run: _Run, state: LoopState, grad_norm: Tensor | None, tokens
     if "loss" in row:
         shown = objective.console_keys[:2]
         run.bar.set_postfix_str(" ".join(f"{short} {row[k]:{fmt}}" for k, short, fmt in shown if k in row))
-    if not t.progress_bar:
+    if not run.bar_on:
         s.dist.print(M.format_line(step, run.steps, row, objective.console_keys))
-    _check_warnings(run, state, row)
     return row
 
 
 def _check_warnings(run: _Run, state: LoopState, row: dict[str, Any]) -> None:
-    """The objective's warning about the recent training rows: once per run, to the console and a
-    `warnings` row of metrics.jsonl."""
-    keys = run.objective.metric_keys
-    if not any(k in row for k in keys):
+    """The objective's warning about the recent logged rows (training and eval): once per run, to
+    the console and a `warnings` row of metrics.jsonl."""
+    keys = {k for k in run.objective.metric_keys} | {f"eval/{k}" for k in run.objective.metric_keys}
+    kept = {k: v for k, v in row.items() if k in keys}
+    if not kept:
         return
-    state.history = [*state.history, {k: row[k] for k in keys if k in row}][-_HISTORY:]
+    state.history = [*state.history, {"step": state.step, **kept}][-_HISTORY:]
     message = run.objective.check_rows(state.history)
     if message and not state.warned_displacement:
         state.warned_displacement = True
@@ -495,14 +510,30 @@ def evaluate_during_training(run: _Run) -> dict[str, float]:
 
 
 def _save(run: _Run) -> dict[str, str]:
+    """The final folders, each with its model card (README.md), written by the main process."""
     acc = run.s.accelerator
     acc.wait_for_everyone()
     written: dict[str, str] = {}
     if run.s.dist.is_main:
         written = run.objective.save(acc.unwrap_model(run.policy), run.s.tokenizer, run.out)
+        # the metrics as logged (the logger is closed): the last training row and the final eval row
+        train_metrics, eval_metrics = cards.final_metrics(run.out / "metrics.jsonl")
+        facts = cards.run_facts(run.cfg, run.steps, train_metrics, eval_metrics, run.s.summaries, run.objective.name)
+        cards.write_cards(written, facts)
         (run.out / "summary.json").write_text(json.dumps({"written": written}, indent=2))
     acc.wait_for_everyone()
     return written
+
+
+def _push(run: _Run) -> None:
+    """With train.push_to_hub, the finished run folder goes to the Hub (main process only). A failed
+    push does not fail the run: it is saved and complete, and the warning says how to push it."""
+    t = run.cfg.train
+    if run.s.dist.is_main and t.push_to_hub and t.hub_model_id:
+        try:
+            run.s.dist.print(f"pushed {run.out} to the Hub: {cards.push_to_hub(run.out, t.hub_model_id)}")
+        except DpokitError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
 
 
 def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "") -> Any:
