@@ -1,4 +1,4 @@
-"""Command line: `dpokit train | evaluate | config | pairs | demo`.
+"""Command line: `dpokit train | reward | sft | evaluate | score | config | pairs | demo`.
 
 Only argument parsing lives here: each command builds a Config and calls the library. Errors the
 user can fix (DpokitError) print one line and exit 2; `--debug` shows the traceback instead.
@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from dpokit import resources
@@ -75,7 +76,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward(args: argparse.Namespace) -> int:
+    """`dpokit reward`: a Bradley-Terry reward model on preference pairs, config loaded as `dpokit train` does."""
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if config is None and args.preset is None:
+        raise ConfigError(
+            "dpokit reward needs a config: a YAML file, --preset NAME (e.g. reward-tiny, reward-reviews), or both; "
+            "e.g. `dpokit reward --preset reward-tiny train.lr=1e-4`"
+        )
+    from dpokit.objectives.reward import RewardObjective
+    from dpokit.training.loop import train
+
+    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
+    result = train(cfg, objective=RewardObjective(cfg))
+    if result.already_complete:  # train.resume=auto on a finished run: the message was printed
+        return 0
+    if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
+        again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
+        base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
+        command = shlex.join(["dpokit", "reward", *base, *again])
+        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
+        return 128 + result.stopped_by
+    print(f"done: reward model after {result.steps} steps; outputs in {result.output_dir}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """`dpokit sft`: supervised fine-tuning on completions (or the chosen side of pairs), config as for train."""
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if config is None and args.preset is None:
+        raise ConfigError(
+            "dpokit sft needs a config: a YAML file, --preset NAME (e.g. sft-tiny, sft-reviews), or both; "
+            "e.g. `dpokit sft --preset sft-tiny train.lr=1e-4`"
+        )
+    from dpokit.objectives.sft import SFTObjective
+    from dpokit.training.loop import train
+
+    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
+    result = train(cfg, objective=SFTObjective(cfg))
+    if result.already_complete:  # train.resume=auto on a finished run: the message was printed
+        return 0
+    if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
+        again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
+        base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
+        command = shlex.join(["dpokit", "sft", *base, *again])
+        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
+        return 128 + result.stopped_by
+    print(f"done: {result.steps} SFT steps; outputs in {result.output_dir}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if (args.prompts is None) == (args.data is None):
+        raise ConfigError("dpokit evaluate needs --data PAIRS (pair metrics) or --prompts FILE (judged generation)")
+    if args.prompts is not None:
+        return cmd_evaluate_prompts(args)
+    if len(args.model) > 1:
+        raise ConfigError("dpokit evaluate --data takes one --model (several models are compared with --prompts)")
+    args.model = args.model[0]
     from dpokit.eval.pairs import evaluate
 
     cfg = _load_config(args.config, args.overrides)
@@ -97,6 +155,88 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if result.get("dropped"):
             print(f"  dropped pairs        {int(result['dropped'])} (see the data summary)")
     return 0
+
+
+def cmd_evaluate_prompts(args: argparse.Namespace) -> int:
+    """`dpokit evaluate --prompts FILE --model NAME=PATH ...`: sample, judge, compare with a baseline."""
+    from dpokit.eval import generate_eval as ge
+
+    cfg = _load_config(args.config, args.overrides).validate()
+    sampling = ge.SamplingSettings(
+        n=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, batch_size=args.batch_size or 16, score_batch_size=cfg.train.eval_batch_size,
+    )  # fmt: skip
+    settings = ge.PromptEvalSettings(
+        prompts=args.prompts, models=[_named_model(m) for m in args.model], baseline=args.baseline,
+        judges=args.judge or ["vader"], out=args.out, n_prompts=args.n_prompts, sampling=sampling,
+        n_boot=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+    )  # fmt: skip
+    result = ge.evaluate_prompts(settings, cfg, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(Path(result.files["summary"]).read_text(encoding="utf-8"))
+    else:
+        print(ge.markdown_table(ge.table_rows(result.models, settings.judges, settings.baseline or settings.models[0][0])))
+        print(f"written: {', '.join(result.files.values())}")
+    return 0
+
+
+def _named_model(spec: str) -> tuple[str, str]:
+    """`NAME=PATH` -> (NAME, PATH); a bare PATH is named by its last path component."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    return Path(spec.rstrip("/")).name or spec, spec
+
+
+def _add_prompt_eval_arguments(e: argparse.ArgumentParser) -> None:
+    """`dpokit evaluate --prompts`: judged evaluation by generation (dpokit/eval/generate_eval.py)."""
+    g = e.add_argument_group("judged generation (--prompts)")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="prompts (.jsonl with prompt fields, or .txt); builtin: paths work")
+    g.add_argument("--baseline", default=None, metavar="NAME", help="model the others are compared with (default: the first)")
+    g.add_argument("--judge", action="append", default=None, metavar="SPEC",
+                   help="repeatable: vader, textblob, rm:PATH, module:function (default: vader)")  # fmt: skip
+    g.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts")
+    g.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt and model (default 1)")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (with top-p 1 the KL estimate is unbiased)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the win-rate interval")
+    g.add_argument("--bootstrap-seed", type=int, default=0)
+    g.add_argument("--out", default="runs/evaluate", help="folder for samples.jsonl, summary.json, summary.md")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """`dpokit score --data FILE [--model POLICY [--ref REF]] [--reward rm:PATH] [--judge J] --out FILE`."""
+    from dpokit.eval.score import render_summary, score
+
+    cfg = _load_config(args.config, args.overrides)
+    if args.beta is not None:
+        cfg = cfg.override([f"loss.beta={args.beta}"])
+    if args.batch_size is not None:
+        cfg = cfg.override([f"train.eval_batch_size={args.batch_size}"])
+    cfg.validate()
+    rewards = [r if r.lower().startswith("rm:") else f"rm:{r}" for r in args.reward or []]
+    result = score(args.data, cfg, model=args.model, ref=args.ref, scorers=rewards + (args.judge or []), out=args.out)
+    print(json.dumps(result.summary, indent=2) if args.json else render_summary(result.summary))
+    return 0
+
+
+def _add_score_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("score", help="score responses or pairs: DPO implicit reward, a reward model, or a judge")
+    s.add_argument("--data", required=True, nargs="+", help="pairs (prompt/chosen/rejected) or rows (prompt/response)")
+    s.add_argument("--model", default=None, help="trained policy for the implicit reward beta*(log pi - log ref)")
+    s.add_argument("--ref", default=None, help="its reference (default: the adapter's base for adapter folders)")
+    s.add_argument("--beta", type=float, default=None, help="loss.beta of the implicit reward (default 0.1)")
+    s.add_argument("--reward", action="append", default=None, metavar="rm:PATH", help="a reward model folder; repeatable")
+    s.add_argument("--judge", action="append", default=None, metavar="SPEC",
+                   help="repeatable: vader, textblob, module:function")  # fmt: skip
+    s.add_argument("--out", default=None, metavar="FILE.jsonl", help="write one JSON line per row with its scores")
+    s.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
+    s.add_argument("--config", default=None, help="YAML config for data settings (max_length, format, ...)")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    s.set_defaults(func=cmd_score)
 
 
 def _preset_summary(name: str) -> str:
@@ -152,19 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="DPO loss and reward metrics of a model over a preference file")
-    e.add_argument("--model", required=True, help="trained model: HF folder, LoRA adapter folder, .gguf or alias")
+    r = sub.add_parser("reward", help="train a Bradley-Terry reward model on preference pairs (config as for train)")
+    r.add_argument("--preset", metavar="NAME", default=None,
+                   help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
+    r.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
+    r.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. reward.center_rewards_coefficient=0.01")
+    r.set_defaults(func=cmd_reward)
+
+    f = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages rows (config as for train)")
+    f.add_argument("--preset", metavar="NAME", default=None,
+                   help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
+    f.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
+    f.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.sft_loss_on=last_assistant")
+    f.set_defaults(func=cmd_sft)
+
+    e = sub.add_parser("evaluate", help="DPO metrics over a preference file (--data), or judged generation (--prompts)")
+    e.add_argument("--model", required=True, action="append",
+                   help="trained model: HF folder, LoRA adapter folder, .gguf or alias; with --prompts NAME=PATH, repeatable")  # fmt: skip
     e.add_argument("--ref", default=None, help="reference model (default: the adapter's base for adapter folders)")
-    e.add_argument("--data", required=True, nargs="+", help="preference file(s)")
+    e.add_argument("--data", default=None, nargs="+", help="preference file(s)")
+    _add_prompt_eval_arguments(e)
     e.add_argument("--beta", type=float, default=None, help="loss.beta (default 0.1)")
     e.add_argument("--loss", default=None, help="loss.type (default sigmoid)")
-    e.add_argument("--batch-size", type=int, default=None, help="pairs per forward pass")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="pairs per forward pass (--data); sequences per generate call (--prompts, default 16)")  # fmt: skip
     e.add_argument("--config", default=None, help="YAML config for data/loss settings")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--skipped", default=None, metavar="FILE",
                    help="with data.on_bad_row=skip: write the skipped rows here (JSON Lines)")  # fmt: skip
     e.add_argument("overrides", nargs="*", help="section.key=value overrides")
     e.set_defaults(func=cmd_evaluate)
+    _add_score_parser(sub)
 
     c = sub.add_parser("config", help="print the full config as commented YAML")
     c.add_argument("--preset", metavar="NAME", default=None, help=f"print a shipped config ({names})")

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses that are also the YAML and CLI schema.
 
 A YAML file mirrors `Config` one-to-one (`model:`, `data:`, `loss:`, `reference:`, `lora:`,
-`train:` sections with exactly the field names below). Unknown keys and wrong types are errors
+`reward:`, `train:` sections with exactly the field names below). Unknown keys and wrong types are errors
 that name the key; `Config.validate()` checks values and cross-field rules. Overrides on the
 command line use the same dotted names: `train.lr=1e-5 loss.type=ipo`.
 
@@ -116,6 +116,14 @@ class DataConfig:
         "max tokens per packed row (first-fit); 0 = auto: the row count a FLOP model of the policy finds "
         "cheapest (dense-mask attention grows with row length; flash_attention_2: one row)",
     )
+    sft_target: Literal["chosen"] | None = _f(
+        None,
+        "`dpokit sft` on preference pairs: chosen = train on prompt + chosen response (the DPO paper's "
+        "Preferred-FT); null = the rows hold prompt/completion or messages",
+    )
+    sft_loss_on: Literal["all_assistant", "last_assistant"] = _f(
+        "all_assistant", "`dpokit sft` on messages rows: the loss covers every assistant turn, or only the last one"
+    )
 
 
 # Names `loss.type` accepts: the built-in losses, plus any added with
@@ -164,6 +172,17 @@ class LoraConfig:
         "module names that get adapters (or ['all-linear'])",
     )
     merge: bool = _f(False, "also save a merged full model (output_dir/merged)")
+
+
+@dataclass
+class RewardConfig:
+    """`dpokit reward` (a Bradley-Terry reward model on the pairs; loss.* and reference.* are DPO's)."""
+
+    center_rewards_coefficient: float = _f(
+        0.0,
+        "`dpokit reward`: weight c of the centring term c * mean((r_chosen + r_rejected)^2), which keeps rewards "
+        "near zero mean (arXiv 2312.09244; TRL's center_rewards_coefficient, e.g. 0.01); 0 = off",
+    )
 
 
 # Loggers `train.report_to` accepts besides metrics.jsonl; each is an optional extra
@@ -226,6 +245,7 @@ SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "reference": ReferenceConfig,
     "lora": LoraConfig,
+    "reward": RewardConfig,
     "train": TrainConfig,
 }
 
@@ -237,6 +257,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # ---- construction -------------------------------------------------------------------
@@ -336,6 +357,10 @@ class Config:
             (lo.beta > 0, "loss.beta must be > 0"),
             (0.0 <= lo.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
             (lo.nll_weight >= 0, "loss.nll_weight must be >= 0"),
+            (
+                0 <= self.reward.center_rewards_coefficient < float("inf"),
+                "reward.center_rewards_coefficient must be >= 0 (0 = off)",
+            ),
             (d.max_length >= 2, "data.max_length must be >= 2"),
             (d.max_prompt_length >= 1, "data.max_prompt_length must be >= 1"),
             (
@@ -415,9 +440,11 @@ def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
         (not weights or sum(weights) > 0, "data.train_weights are all 0: no training rows would be left"),
         (d.num_proc >= 1, "data.num_proc must be >= 1"),
         (
-            set(d.columns) <= {"prompt", "chosen", "rejected"},
-            f"data.columns: unknown name(s) {sorted(set(d.columns) - {'prompt', 'chosen', 'rejected'})}; its keys "
-            "are dpokit's names (prompt, chosen, rejected), its values the dataset's columns",
+            set(d.columns) <= {"prompt", "chosen", "rejected", "margin", "completion", "messages"},
+            f"data.columns: unknown name(s) "
+            f"{sorted(set(d.columns) - {'prompt', 'chosen', 'rejected', 'margin', 'completion', 'messages'})}; its keys "
+            "are dpokit's names (prompt, chosen, rejected, margin; completion, messages for `dpokit sft`), its values "
+            "the dataset's columns",
         ),
         (all(n.strip() for n in names) and len(set(names)) == len(names), "data.columns: each name needs its own column"),
     ]
@@ -442,6 +469,7 @@ TRL_NAMES: dict[str, str] = {
     "gradient_accumulation_steps": "train.grad_accum_steps", "per_device_eval_batch_size": "train.eval_batch_size",
     "learning_rate": "train.lr", "optim": "train.optimizer", "weight_decay": "train.weight_decay",
     "warmup_steps": "train.warmup_steps", "lr_scheduler_type": "train.scheduler", "max_grad_norm": "train.max_grad_norm",
+    "center_rewards_coefficient": "reward.center_rewards_coefficient",
     "seed": "train.seed", "bf16": "train.mixed_precision=bf16", "gradient_checkpointing": "train.gradient_checkpointing",
     "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
     "save_total_limit": "train.keep_checkpoints", "resume_from_checkpoint": "train.resume", "report_to": "train.report_to",

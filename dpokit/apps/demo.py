@@ -141,6 +141,16 @@ def _load_stage_weights(model: Any, model_dir: Path, step: int, final: bool) -> 
     ckpt.apply_weights(model, ckpt.load_checkpoint(path).weights, path)
 
 
+def sampling_settings(settings: DemoSettings) -> Any:
+    """The demo's sampling, the same for every model: `dpokit evaluate --prompts`'s settings."""
+    from dpokit.eval.generate_eval import SamplingSettings  # torch: loaded when the demo runs, not for `--help`
+
+    return SamplingSettings(
+        n=1, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        seed=settings.seed, batch_size=settings.gen_batch_size,
+    )  # fmt: skip
+
+
 def measure_stage(
     name: str,
     step: int,
@@ -148,41 +158,28 @@ def measure_stage(
     tokenizer: Any,
     prompts: Sequence[str],
     settings: DemoSettings,
-    base: StageResult | None,
+    base: Any,
     heldout: dict[str, Any],
-) -> StageResult:
-    """Sample, judge and score one model. ``model`` is the PEFT model; for the base stage
-    (``base is None``) its adapters are disabled while sampling."""
-    import contextlib
+    judges: Sequence[Any],
+) -> tuple[StageResult, Any]:
+    """Sample, judge and score one model with `dpokit evaluate --prompts`'s code
+    (`dpokit.eval.generate_eval.measure`); returns its StageResult and the `ModelEval` (the base
+    stage's is the baseline of the others). ``model`` is the PEFT model; for the base stage
+    (``base is None``) its adapters are disabled while sampling and it is its own reference (KL 0);
+    the others' reference is the base, i.e. the same model with the adapters off."""
+    from dpokit.eval.generate_eval import ADAPTER, SELF, Candidate, measure
 
-    from dpokit.eval.judges import get_judge
-    from dpokit.eval.sampling import generate_samples  # torch: loaded when the demo runs, not for `--help`
-    from dpokit.eval.scoring import kl_estimate, win_rate
-
-    judges = [settings.judge, settings.second_judge]
-    context = model.disable_adapter() if base is None else contextlib.nullcontext()
-    with context:
-        groups = generate_samples(
-            model, tokenizer, prompts, n=1, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-            top_p=settings.top_p, seed=settings.seed, batch_size=settings.gen_batch_size,
-        )  # fmt: skip
-    samples = [group[0] for group in groups]
-    texts = [s.text for s in samples]
-    scores = {j: get_judge(j)(texts) for j in judges}
-    if base is None:  # the reference itself: the log-ratio is 0 on every token
-        kl, kl_sem = 0.0, 0.0
-        wins = {j: 0.5 for j in judges}
-    else:
-        kl, kl_sem = kl_estimate(model, samples)
-        wins = {j: win_rate(scores[j], base.response_scores[j]) for j in judges}
+    cand = Candidate(name, model, tokenizer, SELF if base is None else ADAPTER, adapters_off=base is None)
+    ev = measure(cand, prompts, sampling_settings(settings), judges, baseline=base)
     acc = heldout.get("eval/rewards/accuracies")
     margin = heldout.get("eval/rewards/margins")
-    return StageResult(
-        name=name, step=step, scores={j: sum(v) / len(v) for j, v in scores.items()}, win_rate=wins, kl=kl,
-        kl_sem=kl_sem, mean_length=sum(s.n_tokens for s in samples) / len(samples),
-        heldout_accuracy=None if acc is None else float(acc), heldout_margin=None if margin is None else float(margin),
-        responses=texts, response_scores=scores,
+    stage = StageResult(
+        name=name, step=step, scores=dict(ev.mean_score), win_rate=dict(ev.win_rate), kl=ev.kl, kl_sem=ev.kl_sem,
+        mean_length=ev.mean_length, heldout_accuracy=None if acc is None else float(acc),
+        heldout_margin=None if margin is None else float(margin), responses=[g[0].text for g in ev.samples],
+        response_scores=dict(ev.scores), win_interval=dict(ev.win_interval), length_corr=dict(ev.length_corr),
     )  # fmt: skip
+    return stage, ev
 
 
 def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
@@ -193,6 +190,7 @@ def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
 
     from dpokit.apps import report
     from dpokit.data.files import read_prompts
+    from dpokit.eval.judges import load_judge
     from dpokit.models import sources
     from dpokit.training.loop import train
 
@@ -224,14 +222,15 @@ def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
 
     t0 = time.perf_counter()
     model, tokenizer = _load_lora_model(cfg.model.name_or_path, cfg)
-    stages: list[StageResult] = []
+    judges = [load_judge(settings.judge), load_judge(settings.second_judge)]
     log(f"[demo] sampling {len(prompts)} held-out prompts from the base model")
-    base = measure_stage("base", 0, model, tokenizer, prompts, settings, None, {})
-    stages.append(base)
+    stage, base = measure_stage("base", 0, model, tokenizer, prompts, settings, None, {}, judges)
+    stages: list[StageResult] = [stage]
     for name, step, final in (("mid", mid, False), ("final", steps, True)):
         _load_stage_weights(model, out / "model", step, final)
         log(f"[demo] sampling {len(prompts)} held-out prompts from the {name} model (step {step})")
-        stages.append(measure_stage(name, step, model, tokenizer, prompts, settings, base, _eval_row(rows, step)))
+        heldout = _eval_row(rows, step)
+        stages.append(measure_stage(name, step, model, tokenizer, prompts, settings, base, heldout, judges)[0])
     timings["evaluate"] = time.perf_counter() - t0
 
     n_train = _count_lines(cfg.data.train_files)

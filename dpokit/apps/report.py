@@ -29,6 +29,9 @@ class StageResult:
     heldout_margin: float | None
     responses: list[str]
     response_scores: dict[str, list[float]]
+    # judge -> bootstrap 95% interval of the win rate (None for the base model); absent in older results.json
+    win_interval: dict[str, list[float] | None] | None = None
+    length_corr: dict[str, float | None] | None = None  # judge -> correlation of score with response length
 
 
 @dataclass
@@ -74,13 +77,21 @@ def summary_rows(demo: DemoResult) -> list[list[str]]:
         ["", *[f"{s.name} (step {s.step})" for s in stages]],
         [f"mean {j1} score (labelled the pairs)", *[_fmt(s.scores[j1], "+.3f") for s in stages]],
         [f"mean {j2} score (held-out judge)", *[_fmt(s.scores[j2], "+.3f") for s in stages]],
-        [f"win rate vs base, {j1}", *["—" if i == 0 else _fmt(100 * s.win_rate[j1], ".0f") + "%" for i, s in enumerate(stages)]],
-        [f"win rate vs base, {j2}", *["—" if i == 0 else _fmt(100 * s.win_rate[j2], ".0f") + "%" for i, s in enumerate(stages)]],
+        [f"win rate vs base, {j1} [95% CI]", *["—" if i == 0 else _win(s, j1) for i, s in enumerate(stages)]],
+        [f"win rate vs base, {j2} [95% CI]", *["—" if i == 0 else _win(s, j2) for i, s in enumerate(stages)]],
         ["KL(policy || base), nats/response", *[f"{s.kl:.2f} ± {s.kl_sem:.2f}" if i else "0" for i, s in enumerate(stages)]],
         ["mean response length, tokens", *[f"{s.mean_length:.1f}" for s in stages]],
+        [f"corr({j1} score, length)", *[_fmt((s.length_corr or {}).get(j1), "+.2f") for s in stages]],
         ["held-out pair accuracy (implicit reward)", *[_fmt(s.heldout_accuracy, ".3f") if i else "—" for i, s in enumerate(stages)]],
     ]  # fmt: skip
     return rows
+
+
+def _win(stage: StageResult, judge: str) -> str:
+    """"62% [54, 70]": the win rate and, when measured, its bootstrap interval."""
+    text = _fmt(100 * stage.win_rate[judge], ".0f") + "%"
+    ci = (stage.win_interval or {}).get(judge)
+    return text + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else "")
 
 
 def _table_text(rows: list[list[str]]) -> str:
@@ -228,7 +239,9 @@ def render_markdown(demo: DemoResult, plots: dict[str, str]) -> str:
         _table_markdown(summary_rows(demo)),
         "",
         "*Win rate*: share of prompts where the model's response scores higher than the base model's response to the "
-        "same prompt (ties count half). *KL*: mean over the samples of the summed per-token log-ratio "
+        "same prompt (ties count half), with a percentile bootstrap 95% interval over prompts (1000 resamples, seed 0). "
+        "*corr*: Pearson correlation of the judge's score with the response length (a length bias shows here). "
+        "*KL*: mean over the samples of the summed per-token log-ratio "
         "log pi - log ref of the sampled tokens (the base model with the adapters off is the reference). The samples "
         f"are drawn at temperature {s['temperature']} / top-p {s['top_p']}, so this is the log-ratio under the "
         "sampling distribution, a close proxy of KL(pi || ref) rather than an unbiased estimate. "

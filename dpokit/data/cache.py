@@ -15,14 +15,14 @@ What the arrays mean is the business of the caller (`dpokit.data.pairs`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+
+from dpokit.fileio import atomic_write
 
 __all__ = ["cache_root", "cache_dir", "hash_json", "tokenizer_fingerprint", "entry_key", "entry_path", "load_entry",
            "save_entry", "ignore_entry", "TokenCacheWarning", "FORMAT_VERSION"]
@@ -91,23 +91,13 @@ def save_entry(path: Path, key: str, arrays: dict[str, Any], summary: dict[str, 
     read-only cache must not stop a run that already has its tokens."""
     from safetensors.numpy import save_file
 
-    tmp: str | None = None
+    meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "key": key, "summary": json.dumps(summary)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(fd)
-        meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "key": key, "summary": json.dumps(summary)}
-        save_file(arrays, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
-        tmp = None
+        atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
         return True
     except OSError as exc:
         warnings.warn(f"could not write tokenized-pairs cache {path}: {exc}", TokenCacheWarning, stacklevel=2)
         return False
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def load_entry(path: Path, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:

@@ -40,6 +40,7 @@ class TokenizedPair:
     chosen_ids: list[int]  # chosen response tokens (EOS appended for plain text), never empty
     rejected_ids: list[int]  # rejected response tokens, never empty
     index: int = -1  # position of the pair in its split (keys precomputed reference log-probs)
+    margin: float = 0.0  # the row's optional margin (`dpokit reward`: r_chosen must exceed r_rejected by it)
 
 
 class PreferenceCollator:

@@ -35,7 +35,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -566,3 +566,41 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise DpokitError(f"prompts file '{p}' has no prompts")
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows given in memory (the Python API's train(cfg, train_data=...))
+
+
+def write_rows(rows: Iterable[Any], path: Path, name: str) -> Path:
+    """Write rows given in memory (a list of dicts, a `datasets.Dataset`, any iterable of mappings)
+    as JSON Lines at `path`, atomically, so they are read, checked and cached exactly like a file
+    (errors then name that file and line) and the run keeps the data it was trained on.
+
+    `name` is what the caller called them (train_data / eval_data), for the error when a row is
+    not a mapping. Numpy / torch scalars and arrays become plain numbers and lists.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: several may write it
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                tmp.unlink()
+                raise DataError(name, f"row {i} (0-based): expected a mapping of fields, got {type_name(row)}", row=i)
+            f.write(json.dumps(dict(row), ensure_ascii=False, default=_plain) + "\n")
+            n += 1
+    if n == 0:
+        tmp.unlink()
+        raise DataError(name, "no rows given")
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what datasets / numpy / torch rows hold: scalars as numbers, arrays as lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -15,6 +15,9 @@ Row formats (`normalize_row`, detected per row unless ``data.format`` forces one
 Columns: data.columns ({prompt: question, chosen: response_j, ...}, dpokit name -> dataset column)
 renames every row's columns before validation; errors then name the dataset's column.
 
+Margin: any row may carry a number "margin" (null or absent = 0; in a CSV a numeric text), kept on
+RawPair / TokenizedPair for `dpokit reward` (how far r_chosen must exceed r_rejected); DPO ignores it.
+
 Tokenization (`tokenize_pair`) follows docs/design.md: prompt and responses are tokenized separately
 and concatenated, so the prompt/response boundary is exact by construction. A text much longer than
 max_length (over `_PRECUT_CHARS_PER_TOKEN` characters per allowed token) is cut to that window before
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -95,6 +99,7 @@ class RawPair:
     kind: str  # "standard" | "conversational" | "implicit"
     source: str  # the file (or save_to_disk folder) the row came from
     row: int  # line number (1-based) for JSONL/CSV, else 0-based index; see describe_row()
+    margin: float = 0.0  # the row's optional "margin" (reward models); 0 when absent
 
 
 
@@ -119,13 +124,13 @@ def normalize_row(row: dict[str, Any], path: str | Path, rownum: int, fmt: str =
     if kind == "conversational":
         prompt, chosen, rejected = _normalize_conversation(row, path, rownum)
     else:
-        texts = {name: _text(row[name], path, rownum, name) for name in ("chosen", "rejected")}
+        texts = {name: text_field(row[name], path, rownum, name) for name in ("chosen", "rejected")}
         if texts["chosen"] == texts["rejected"]:
             raise row_error(
                 path, rownum, "chosen and rejected are identical, so the pair expresses no preference", "rejected"
             )
         if kind == "standard":
-            prompt, chosen, rejected = _text(row["prompt"], path, rownum, "prompt"), texts["chosen"], texts["rejected"]
+            prompt, chosen, rejected = text_field(row["prompt"], path, rownum, "prompt"), texts["chosen"], texts["rejected"]
         else:
             prompt, chosen, rejected = split_implicit_prompt(texts["chosen"], texts["rejected"])
             if not prompt.strip():
@@ -146,7 +151,27 @@ def normalize_row(row: dict[str, Any], path: str | Path, rownum: int, fmt: str =
                         "response is empty once the prompt shared with the other response is removed",
                         name,
                     )
-    return RawPair(prompt, chosen, rejected, kind, str(path), rownum)
+    return RawPair(prompt, chosen, rejected, kind, str(path), rownum, _margin(row, path, rownum))
+
+
+def _margin(row: dict[str, Any], path: str | Path, rownum: int) -> float:
+    """The row's optional "margin": a finite number, 0 when absent or null. A CSV holds only text, so
+    there a numeric text counts (an empty cell is absent); anywhere else text is an error."""
+    value = row.get("margin")
+    if isinstance(value, str) and str(path).lower().endswith(".csv"):
+        try:
+            value = float(value) if value.strip() else None
+        except ValueError:
+            pass
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        shown_value = f" {value!r}" if isinstance(value, (str, float)) else ""
+        raise row_error(
+            path, rownum, f"expected a finite number (how far the chosen reward must exceed the rejected one), "
+            f"got {type_name(value)}{shown_value}", "margin",
+        )  # fmt: skip
+    return float(value)
 
 
 def _detect_kind(row: dict[str, Any]) -> str:
@@ -169,7 +194,7 @@ def _format_mismatch(row: dict[str, Any], fmt: str) -> tuple[str, str]:
     return "prompt", f"unexpected field 'prompt' ({forced}: the prompt is the shared prefix of chosen and rejected)"
 
 
-def _text(value: Any, path: str | Path, rownum: int, name: str) -> str:
+def text_field(value: Any, path: str | Path, rownum: int, name: str) -> str:
     if not isinstance(value, str):
         raise row_error(path, rownum, f"expected text, got {type_name(value)}", name)
     if not value.strip():
@@ -177,7 +202,7 @@ def _text(value: Any, path: str | Path, rownum: int, name: str) -> str:
     return value
 
 
-def _messages(value: Any, path: str | Path, rownum: int, name: str) -> Messages:
+def parse_messages(value: Any, path: str | Path, rownum: int, name: str) -> Messages:
     """Validate a message list; returns copies without null-valued keys (Arrow structs add them)."""
     if not isinstance(value, list):
         raise row_error(path, rownum, f"expected a list of messages, got {type_name(value)}", name)
@@ -197,14 +222,14 @@ def _messages(value: Any, path: str | Path, rownum: int, name: str) -> Messages:
             )
         if "content" not in message:
             raise row_error(path, rownum, "message without content", f"{where}.content")
-        _text(message["content"], path, rownum, f"{where}.content")
+        text_field(message["content"], path, rownum, f"{where}.content")
         out.append(message)
     return out
 
 
 def _normalize_conversation(row: dict[str, Any], path: str | Path, rownum: int) -> tuple[Messages, Messages, Messages]:
-    chosen = _messages(row["chosen"], path, rownum, "chosen")
-    rejected = _messages(row["rejected"], path, rownum, "rejected")
+    chosen = parse_messages(row["chosen"], path, rownum, "chosen")
+    rejected = parse_messages(row["rejected"], path, rownum, "rejected")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns:
             raise row_error(path, rownum, "empty message list", name)
@@ -212,7 +237,7 @@ def _normalize_conversation(row: dict[str, Any], path: str | Path, rownum: int) 
             last = f"{name}[{len(turns) - 1}].role"
             raise row_error(path, rownum, f"the last turn must be the assistant's, got '{turns[-1]['role']}'", last)
     if "prompt" in row:
-        prompt = _messages(row["prompt"], path, rownum, "prompt")
+        prompt = parse_messages(row["prompt"], path, rownum, "prompt")
         # Accept full conversations that repeat the prompt as well as TRL-style continuations.
         n = len(prompt)
         chosen = chosen[n:] if n and chosen[:n] == prompt else chosen
@@ -366,12 +391,12 @@ def _encode(
     prompts: list[list[int]] = [[] for _ in pairs]
     precut = [False] * len(pairs)
     for group, special in ((plain, True), (chat, False)):
-        ids, cut = _tokenize_window([texts[i][0] for i in group], tokenizer, special, prompt_keep, mode == "keep_start")
+        ids, cut = tokenize_window([texts[i][0] for i in group], tokenizer, special, prompt_keep, mode == "keep_start")
         for i, pids, was_cut in zip(group, ids, cut):
             prompts[i], precut[i] = pids, was_cut
     responses: dict[tuple[int, int], list[int]] = {}
     keys = [(i, k) for i in good for k in (1, 2)]
-    ids, cut = _tokenize_window([texts[i][k] for i, k in keys], tokenizer, False, max_length, True)
+    ids, cut = tokenize_window([texts[i][k] for i, k in keys], tokenizer, False, max_length, True)
     for key, rids, was_cut in zip(keys, ids, cut):
         responses[key] = rids
         precut[key[0]] |= was_cut
@@ -391,7 +416,7 @@ def _encode(
     return out
 
 
-def _tokenize_window(
+def tokenize_window(
     texts: list[str], tokenizer: Any, add_special_tokens: bool, keep: int | None, keep_start: bool
 ) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each text, tokenizing only the window that can hold the `keep` tokens truncation keeps.
@@ -565,7 +590,7 @@ class DataSummary:
         return "\n".join(lines)
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
+def percentiles(values: list[int]) -> dict[str, int]:
     """Nearest-rank percentiles (always an observed length)."""
     if not values:
         return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
@@ -605,14 +630,14 @@ def _summarize(files: list[Path], raw: list[RawPair], encoded: list[_Encoded]) -
         kinds=dict(Counter(p.kind for p, e in zip(raw, encoded) if e.error is None)),
         dropped=dict(Counter(e.reason for e in valid if e.reason is not None)),
         truncated={part: sum(e.truncated[k] for e in kept) for k, part in enumerate(_PARTS)},
-        lengths={part: _percentiles([e.lengths[k] for e in valid]) for k, part in enumerate(_PARTS)},
+        lengths={part: percentiles([e.lengths[k] for e in valid]) for k, part in enumerate(_PARTS)},
         n_duplicates=duplicates,
         n_contradictory=contradictory,
         n_precut=sum(e.precut for e in valid),
     )
 
 
-_SKIP_HINT = " (to skip malformed rows instead, set data.on_bad_row=skip)"
+SKIP_HINT = " (to skip malformed rows instead, set data.on_bad_row=skip)"
 _EMPTY_EXPECTED = {
     ".jsonl": "one JSON object with prompt/chosen/rejected fields per line",
     ".json": "a list of objects with prompt/chosen/rejected fields",
@@ -621,7 +646,7 @@ _EMPTY_EXPECTED = {
 }
 
 
-def _skip_record(error: DataError, row: Any, text: str | None) -> dict[str, Any]:
+def skip_record(error: DataError, row: Any, text: str | None) -> dict[str, Any]:
     """One line of skipped.jsonl: where, why, and the row itself when it could be parsed."""
     record: dict[str, Any] = {
         "file": error.path,
@@ -636,7 +661,7 @@ def _skip_record(error: DataError, row: Any, text: str | None) -> dict[str, Any]
     return record
 
 
-def _write_skipped(path: str | Path, records: list[dict[str, Any]]) -> None:
+def write_skipped(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace `path` with this load's skipped rows; remove it when none were skipped (no stale lists)."""
     path = Path(path)
     if not records:
@@ -685,18 +710,18 @@ def _normalize(
         try:
             if isinstance(value, Unreadable):
                 raise value.error
-            raw.append(_normalize_mapped(value, path, rownum, fmt, columns))
+            raw.append(normalize_mapped_row(value, path, rownum, fmt, columns))
             where.append(i)
         except DataError as e:
             if not skip:
-                e.args = (e.args[0] + _SKIP_HINT,)
+                e.args = (e.args[0] + SKIP_HINT,)
                 raise
             row = value if isinstance(value, dict) else None
-            skipped.append(_skip_record(e, row, value.text if isinstance(value, Unreadable) else None))
+            skipped.append(skip_record(e, row, value.text if isinstance(value, Unreadable) else None))
     return raw, where, skipped
 
 
-def _normalize_mapped(row: dict[str, Any], path: Path, rownum: int, fmt: str, columns: dict[str, str]) -> RawPair:
+def normalize_mapped_row(row: dict[str, Any], path: Path, rownum: int, fmt: str, columns: dict[str, str]) -> RawPair:
     """`normalize_row` after renaming the dataset's columns to dpokit's (data.columns: name -> column);
     errors name the dataset's column, which is what the user can look up."""
     name = shown(path)
@@ -724,7 +749,7 @@ def _normalize_mapped(row: dict[str, Any], path: Path, rownum: int, fmt: str, co
         raise row_error(e.path, e.row, f"{e.detail} (data.columns: {mapping})", field_name) from None
 
 
-def _plan(files: str | Path | Sequence[str | Path], data_cfg: Any) -> DataFiles:
+def plan_files(files: str | Path | Sequence[str | Path], data_cfg: Any) -> DataFiles:
     """`files` as a DataFiles. A plain list reads the Hub split data.eval_split when it is
     data.eval_files (and not also data.train_files: then only a DataFiles can tell), else
     data.train_split; the eval carve and mixture weights come only with a DataFiles from
@@ -739,7 +764,7 @@ def _plan(files: str | Path | Sequence[str | Path], data_cfg: Any) -> DataFiles:
     return DataFiles(specs, split=split, subset=getattr(data_cfg, "subset", None))
 
 
-def _selection_notes(plan: DataFiles, sources: list[list[Path]], counts: list[int], picks: list[int]) -> list[str]:
+def selection_notes(plan: DataFiles, sources: list[list[Path]], counts: list[int], picks: list[int]) -> list[str]:
     """Summary lines saying which rows were used: the eval carve, the mixture weights."""
     notes = []
     total = sum(counts)
@@ -769,7 +794,8 @@ def _arrange(picks: list[int], where: list[int], encoded: list[_Encoded]) -> lis
         pair = encoded[k].pair if k is not None else None
         if pair is None:
             continue
-        pairs.append(pair if k not in used else TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids))
+        pairs.append(pair if k not in used else TokenizedPair(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids,
+                                                                margin=pair.margin))  # fmt: skip
         used.add(k)  # type: ignore[arg-type]
     for index, pair in enumerate(pairs):
         pair.index = index
@@ -997,7 +1023,7 @@ def load_pairs(
         raise ConfigError(f"data.on_bad_row must be error or skip, got {on_bad_row!r}")
     skip = on_bad_row == "skip"
     columns = dict(getattr(data_cfg, "columns", None) or {})
-    plan = _plan(files, data_cfg)
+    plan = plan_files(files, data_cfg)
     sources = expand_sources(plan)
     paths = [path for entry in sources for path in entry]
     recs, counts = _read_records(sources, (columns.get("chosen", "chosen"), columns.get("rejected", "rejected")))
@@ -1007,16 +1033,18 @@ def load_pairs(
     try:
         encoded, notes = _encode_all(raw, tokenizer, data_cfg, skip)
     except DataError as e:  # only raised when not skipping: a row the chat template cannot render
-        e.args = (e.args[0] + _SKIP_HINT,)
+        e.args = (e.args[0] + SKIP_HINT,)
         raise
     for pair, enc in zip(raw, encoded):
+        if enc.pair is not None:  # set here, not while tokenizing: the tokenized-pairs cache holds only ids
+            enc.pair.margin = pair.margin
         if enc.error is not None:
             row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
-            skipped.append(_skip_record(enc.error, row, None))
+            skipped.append(skip_record(enc.error, row, None))
     if skipped_path is not None:
-        _write_skipped(skipped_path, skipped)
+        write_skipped(skipped_path, skipped)
     summary = _summarize(paths, raw, encoded)
-    summary.notes = _selection_notes(plan, sources, counts, picks) + notes
+    summary.notes = selection_notes(plan, sources, counts, picks) + notes
     return _finish(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded))
 
 
@@ -1048,3 +1076,18 @@ def _finish(
         )
     summary.n_kept = len(pairs)  # with data.train_weights, repeats included
     return pairs, summary
+
+
+def check_pairs(files: str | Path | Sequence[str | Path], data_cfg: Any, rows: int = 8) -> None:
+    """A cheap look at `files` before any model loads: every file exists and is readable (a Hub id
+    is resolved), and its first `rows` rows are valid pairs (with data.on_bad_row=error). Raises the
+    DataError `load_pairs` would raise for them; tokenisation problems are found later."""
+    columns = dict(getattr(data_cfg, "columns", None) or {})
+    required = (columns.get("chosen", "chosen"), columns.get("rejected", "rejected"))
+    skip = getattr(data_cfg, "on_bad_row", "error") == "skip"
+    for path in (p for entry in expand_sources(plan_files(files, data_cfg)) for p in entry):
+        head = [(path, n, value) for n, value in itertools.islice(records(path, required), rows)]
+        if not head:
+            _read_records([[path]], required)  # raises the empty-file error with its wording
+        if not skip:
+            _normalize(head, list(range(len(head))), getattr(data_cfg, "format", "auto"), False, columns)

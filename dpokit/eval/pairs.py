@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dpokit.config import Config
+from dpokit.data.files import DataFiles
 from dpokit.dist import Dist
 from dpokit.errors import ConfigError
 from dpokit.models import refcache
@@ -57,7 +58,9 @@ def evaluate(
     else:
         raise ConfigError(f"loss '{cfg.loss.type}' needs a reference model: pass --ref PATH")
     policy.to(dist.device)
-    pairs, summary = objective.load_examples(data_files, tokenizer, Path(skipped_path) if skipped_path else None)
+    # a Hub dataset id in --data reads the eval split (data.eval_split), as evaluation files do in training
+    files = DataFiles(data_files, split=cfg.data.eval_split, subset=cfg.data.subset)
+    pairs, summary = objective.load_examples(files, tokenizer, Path(skipped_path) if skipped_path else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = objective.build_collator(pad_id, policy, dist.device)
     if reference.mode != "none":  # precomputed log-probs for exactly this reference + data, if cached

@@ -1,10 +1,20 @@
 """Sampling responses from a causal LM: chat-templated, batched, left-padded, reproducible.
 
 `generate_samples` is the one sampler: `dpokit pairs` (AI-feedback pair building) keeps the texts,
-`dpokit demo` also scores the exact token ids (`dpokit.eval.scoring`).
+`dpokit evaluate --prompts` and `dpokit demo` also score the exact token ids (`dpokit.eval.scoring`).
 Sampling is pure temperature + nucleus (top-p): the model's own ``generation_config`` sampling
 defaults (top_k=50, repetition penalties...) are deliberately not inherited, so the same call gives
 the same distribution whatever folder the model came from. Only its EOS ids are taken from it.
+
+Shared prompt cache: the n samples of a prompt sit next to each other in a generate batch, and the
+prompt is prefilled once for them (`_shared_prompt_cache`): all but its last token run through the
+model once per distinct prompt, the KV cache is copied to each of that prompt's rows, and
+``generate`` resumes from it (it runs only the last prompt token, then decodes). The batches, the
+rows in them and the random draws are exactly those of the plain path (``share_prompt_cache=False``,
+every row prefilled on its own, what ``generate(num_return_sequences=n)`` does); only the floats of
+the prompt's keys and values may differ in the last bits (another batch shape for the same matmuls),
+so greedy decoding is token-for-token identical and sampling draws the same tokens except where such
+a difference moves a token across a sampling boundary (measured: docs/benchmarks-sampler.md).
 """
 
 from __future__ import annotations
@@ -101,6 +111,7 @@ def generate_samples(
     batch_size: int = 16,
     top_k: int = 0,
     progress: bool = False,
+    share_prompt_cache: bool = True,
 ) -> list[list[Sample]]:
     """Sample ``n`` responses for every prompt; returns ``samples[i][j]`` for prompt i, sample j.
 
@@ -108,7 +119,9 @@ def generate_samples(
     ``torch.inference_mode`` with the KV cache. ``temperature == 0`` means greedy.
 
     Deterministic for a given seed, batch_size and prompt list (on the same device and dtype); the
-    global torch RNG is left as it was.
+    global torch RNG is left as it was. ``share_prompt_cache`` (on by default; it only matters when
+    n > 1) prefills each prompt once per batch and copies its KV cache to the prompt's n rows (see
+    the module docstring for what stays equal to the plain path).
     """
     import torch
 
@@ -140,7 +153,8 @@ def generate_samples(
             torch.manual_seed(seed)
             for batch in batches:
                 rows = [encoded[i] for i, _ in batch]
-                for (i, j), sample in zip(batch, _generate_batch(model, tokenizer, rows, gen_config, eos)):
+                keys = [i for i, _ in batch] if share_prompt_cache else None  # rows of one prompt share its cache
+                for (i, j), sample in zip(batch, _generate_batch(model, tokenizer, rows, gen_config, eos, keys)):
                     out[i][j] = sample
                 if bar is not None:
                     bar.update(len(batch))
@@ -151,12 +165,26 @@ def generate_samples(
     return [[s for s in group if s is not None] for group in out]
 
 
-def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], gen_config: Any, eos: set[int]) -> list[Sample]:
-    """One ``generate`` call over left-padded prompt rows; a `Sample` per row."""
+def _generate_batch(
+    model: Any,
+    tokenizer: Any,
+    rows: list[list[int]],
+    gen_config: Any,
+    eos: set[int],
+    prompt_keys: list[int] | None = None,
+) -> list[Sample]:
+    """One ``generate`` call over left-padded prompt rows; a `Sample` per row. Rows with the same
+    ``prompt_keys`` entry hold the same prompt and share one prefill (`_shared_prompt_cache`)."""
     input_ids, attention_mask = _left_pad(rows, tokenizer.pad_token_id)
     device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    extra: dict[str, Any] = {}
+    if prompt_keys is not None:
+        shared = _shared_prompt_cache(model, input_ids, attention_mask, prompt_keys)
+        if shared is not None:
+            extra[_cache_argument(model)] = shared
     generated = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config, **extra
     )
     samples = []
     for prompt_ids, new_row in zip(rows, generated[:, input_ids.shape[1] :].tolist()):
@@ -166,6 +194,56 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], gen_confi
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         samples.append(Sample(list(prompt_ids), ids, text, end is not None))
     return samples
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    """Keyword names the underlying transformers model's forward takes (through a PEFT wrapper)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _cache_argument(model: Any) -> str:
+    """What the KV cache is called in forward/generate: ``cache`` in transformers 5.x, before that
+    ``past_key_values`` (5.x still accepts it, with a deprecation warning)."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _shared_prompt_cache(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_keys: list[int]
+) -> Any | None:
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt.
+
+    Rows sharing a key hold identical left-padded prompts. Their distinct prompts (minus the last
+    token) run through the model once, with the position ids ``generate`` derives from the mask;
+    the cache rows are then copied to every row of their prompt. ``generate`` given this cache and
+    the full rows feeds only the last prompt token, whose logits start the decoding (a prompt is
+    never cached whole: some token has to produce the first logits). None when no two rows share a
+    prompt (nothing to save) or the prompts are one token long.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    first: dict[int, int] = {}  # key -> its first row
+    for row, key in enumerate(prompt_keys):
+        first.setdefault(key, row)
+    if len(first) == len(prompt_keys) or input_ids.shape[1] < 2:
+        return None
+    slot = {key: k for k, key in enumerate(first)}
+    device = input_ids.device
+    unique = torch.tensor(list(first.values()), dtype=torch.long, device=device)
+    ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]
+    # generate's own position ids (transformers' _prepare_position_ids_for_generation): padding
+    # positions are masked and never scored, so their value is irrelevant
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    params = _forward_parameters(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # the prompt's logits are not needed
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+          **{_cache_argument(model): cache}, **extra)  # fmt: skip
+    cache.batch_select_indices(torch.tensor([slot[key] for key in prompt_keys], dtype=torch.long, device=device))
+    return cache
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Scoring sampled responses: their log-probs under a model, a KL estimate, and win rates.
+"""Scoring sampled responses: their log-probs under a model, a KL estimate, win rates with a
+bootstrap interval, and the score-length correlation.
 
 Log-probs of samples go through the one inference pass (`dpokit.models.inference`): the same
 length-sorted, sharded batching that pair evaluation and the reference precompute use, here over
@@ -65,21 +66,42 @@ def sequence_logps_of_samples(
     return [float(v) for v in values.cpu()]
 
 
-def kl_estimate(policy: Any, samples: Sequence[Sample], batch_size: int = 16) -> tuple[float, float]:
-    """(mean, standard error) over samples of sum_t [log pi(y_t) - log ref(y_t)].
+KL_ESTIMATOR = "k1: mean over samples y ~ pi of sum_t [log pi(y_t) - log ref(y_t)]"
 
-    The Monte-Carlo estimate of the sequence-level KL(pi || ref) when ``samples`` were drawn from pi.
-    ``policy`` is a PEFT model; its reference is the same model with the adapters disabled.
+
+def kl_estimate(
+    policy: Any, samples: Sequence[Sample], batch_size: int = 16, reference: Any = None
+) -> tuple[float, float]:
+    """(mean, standard error) over samples of sum_t [log pi(y_t) - log ref(y_t)] (`KL_ESTIMATOR`).
+
+    The Monte-Carlo (k1) estimate of the sequence-level KL(pi || ref) when ``samples`` were drawn
+    from pi itself (temperature 1, no top-p / top-k); under another sampling distribution it is the
+    mean log-ratio over that distribution's samples, a close proxy rather than an unbiased estimate.
+    ``reference``: the reference model; None means ``policy`` is a PEFT model whose reference is the
+    same model with the adapters disabled.
     """
+    return mean_and_sem(logratios(policy, samples, batch_size, reference))
+
+
+def logratios(policy: Any, samples: Sequence[Sample], batch_size: int = 16, reference: Any = None) -> list[float]:
+    """Per sample, sum_t [log pi(y_t) - log ref(y_t)] over its response tokens; ``reference`` as in
+    `kl_estimate` (None: ``policy``'s PEFT base with the adapters disabled)."""
     pol = sequence_logps_of_samples(policy, samples, batch_size)
-    with policy.disable_adapter():
-        ref = sequence_logps_of_samples(policy, samples, batch_size)
-    diffs = [p - r for p, r in zip(pol, ref)]
-    if not diffs:
+    if reference is None:
+        with policy.disable_adapter():
+            ref = sequence_logps_of_samples(policy, samples, batch_size)
+    else:
+        ref = sequence_logps_of_samples(reference, samples, batch_size)
+    return [p - r for p, r in zip(pol, ref)]
+
+
+def mean_and_sem(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) with the n-1 variance; (nan, nan) for no values, sem 0 for one."""
+    if not values:
         return float("nan"), float("nan")
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var / len(values))
 
 
 def win_rate(candidate: Sequence[float], baseline: Sequence[float]) -> float:
@@ -88,3 +110,67 @@ def win_rate(candidate: Sequence[float], baseline: Sequence[float]) -> float:
         return float("nan")
     wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline))
     return wins / len(candidate)
+
+
+def outcome(candidate: float, baseline: float) -> float:
+    """1 for a win, 1/2 for a tie, 0 for a loss."""
+    return 1.0 if candidate > baseline else 0.5 if candidate == baseline else 0.0
+
+
+def prompt_outcomes(
+    candidate: Sequence[Sequence[float | None]], baseline: Sequence[Sequence[float | None]]
+) -> list[float]:
+    """Per prompt, the mean outcome of sample j against the baseline's sample j (the same seed
+    position), over the pairs both scored (None: a judge error). Prompts with no such pair are left
+    out. With one sample per prompt this is `outcome` per prompt, and its mean is `win_rate`."""
+    out = []
+    for cand, base in zip(candidate, baseline):
+        pairs = [outcome(c, b) for c, b in zip(cand, base) if c is not None and b is not None]
+        if pairs:
+            out.append(sum(pairs) / len(pairs))
+    return out
+
+
+def bootstrap_interval(
+    values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per prompt: prompts are
+    the resampled unit, so a prompt's samples stay together). Seeded, so a report is reproducible.
+
+    Resamples ``len(values)`` values with replacement ``n_boot`` times; the bounds are the
+    (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled means, linearly interpolated
+    between order statistics (numpy's default ``percentile`` rule). (nan, nan) for no values.
+    """
+    import random
+
+    if not values:
+        return float("nan"), float("nan")
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return _quantile(means, (1 - level) / 2), _quantile(means, (1 + level) / 2)
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values, linear between order statistics (numpy's "linear" method)."""
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def correlation(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson correlation of paired values; None when either side is constant or there are < 3 pairs."""
+    if len(xs) != len(ys):
+        raise ValueError(f"correlation of {len(xs)} and {len(ys)} values")
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)

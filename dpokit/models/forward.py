@@ -34,7 +34,7 @@ class PolicyLogps:
     rejected_lengths: Tensor  # (B,)
 
 
-def _lm_head_parts(model: Any) -> tuple[Any, Tensor, Tensor | None] | None:
+def lm_head_parts(model: Any) -> tuple[Any, Tensor, Tensor | None] | None:
     """(decoder, lm_head weight, bias) when the chunked head is exact for this model, else None.
 
     The chunked path skips `model.forward`'s final projection, so it is only used when that
@@ -67,7 +67,7 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
     # kernel (flash on CUDA and CPU) instead of the masked one, which on CPU materialises the (T, T)
     # attention of every head and layer (measured: faster, and peak memory well down).
     inputs = {"input_ids": input_ids, "use_cache": False}
-    parts = _lm_head_parts(model) if lm_head_chunk > 0 else None
+    parts = lm_head_parts(model) if lm_head_chunk > 0 else None
     if parts is not None:
         decoder, weight, bias = parts
         hidden = decoder(**inputs).last_hidden_state  # (2B, T, H)
@@ -79,7 +79,7 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
     return PolicyLogps(logps[:b], logps[b:], lengths[:b], lengths[b:])
 
 
-def _packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def packed_model_inputs(model: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Model kwargs that keep the packed units of `batch` apart (see dpokit/packing.py).
 
     What transformers 5.x does with them (masking_utils.create_causal_mask):
@@ -120,8 +120,8 @@ def _packed_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int) -> P
     rows, cols, targets, seqs = batch["score_index"]  # (M,) each
     b = batch["pair_index"].shape[0]
     r, t = batch["input_ids"].shape
-    inputs = _packed_model_inputs(model, batch)
-    parts = _lm_head_parts(model) if lm_head_chunk > 0 else None
+    inputs = packed_model_inputs(model, batch)
+    parts = lm_head_parts(model) if lm_head_chunk > 0 else None
     if parts is not None:
         decoder, weight, bias = parts
         hidden = decoder(**inputs).last_hidden_state.reshape(r, t, -1)  # (R, T, H) (un-flattened for flash)

@@ -24,7 +24,6 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from dpokit.data.cache import cache_dir, tokenizer_fingerprint
 from dpokit.data.cache import hash_json as _hash_json
 from dpokit.data.collate import TokenizedPair
 from dpokit.dist import Dist
+from dpokit.fileio import atomic_write
 from dpokit.models.inference import inference_batches
 from dpokit.models.loading import load_model_and_tokenizer
 from dpokit.models.reference import Reference
@@ -281,25 +281,15 @@ def save_table(path: Path, table: RefTable, manifest: dict[str, Any], key: str) 
     a read-only cache must not stop a training run that already has its numbers."""
     from safetensors.torch import save_file
 
-    tmp: str | None = None
+    tensors = {"ref_chosen_logps": table.chosen, "ref_rejected_logps": table.rejected, "lengths": table.lengths}
+    meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "key": key, "split": table.split,
+            "manifest": json.dumps(manifest, sort_keys=True)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(fd)
-        tensors = {"ref_chosen_logps": table.chosen, "ref_rejected_logps": table.rejected, "lengths": table.lengths}
-        meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "key": key, "split": table.split,
-                "manifest": json.dumps(manifest, sort_keys=True)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
-        tmp = None
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
         return True
     except OSError as exc:
         warnings.warn(f"could not write reference cache {path}: {exc}", RefCacheWarning, stacklevel=2)
         return False
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def load_table(path: Path, key: str, pairs: Sequence[TokenizedPair], split: str) -> RefTable | None:

@@ -161,12 +161,21 @@ class DPOObjective(Objective):
     def validate(self) -> None:
         if self.cfg.loss.type not in LOSSES:
             raise ConfigError(f"loss.type '{self.cfg.loss.type}' is not one of: {', '.join(sorted(LOSSES))}")
+        if self.cfg.data.sft_target is not None:  # a key of another objective would be silently ignored
+            raise ConfigError("data.sft_target is for `dpokit sft` (supervised fine-tuning on the chosen responses); "
+                              "`dpokit train` trains DPO on the pairs: remove the key")
 
     # ---- data ----------------------------------------------------------------------------------
     def load_examples(
         self, files: list[str], tokenizer: Any, skipped_path: Path | None
     ) -> tuple[list[TokenizedPair], pair_data.DataSummary]:
         return pair_data.load_pairs(files, tokenizer, self.cfg.data, skipped_path=skipped_path)
+
+    def preflight(self, train_files: list[str], eval_files: list[str]) -> None:
+        """Files exist and their first rows are valid pairs, before the model loads."""
+        for files in (train_files, eval_files):
+            if files:
+                pair_data.check_pairs(files, self.cfg.data)
 
     def example_length(self, example: TokenizedPair) -> int:
         return pair_length(example)

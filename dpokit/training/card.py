@@ -36,6 +36,11 @@ ALIAS_ORIGINS: dict[str, tuple[str, str]] = {
 }
 
 CardKind = Literal["model", "adapter", "merged"]
+# Per objective (RunFacts.objective): its Hub tags and the command that trains it (default: its name).
+_OBJECTIVE_TAGS: dict[str, list[str]] = {"dpo": ["dpo"], "reward": ["reward-model", "reward"]}
+_COMMANDS: dict[str, str] = {"dpo": "train"}
+# Config sections an objective does not read: left out of its card's reproduce config (defaults then apply).
+_UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {"sft": ("loss", "reference", "reward")}
 # Bookkeeping fields of a training row: not results, so not in the card's metrics table.
 _NOT_RESULTS = {"step", "lr", "tokens_per_sec", "epoch", "skipped_steps", "warnings"}
 
@@ -49,6 +54,7 @@ class DataFacts:
     kept: int | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> pairs
     skipped: int = 0  # malformed rows skipped (data.on_bad_row=skip)
+    unit: str = "pairs"  # what a row is (the summary's `unit`: "examples" for SFT)
 
 
 @dataclass
@@ -73,6 +79,7 @@ def _data_facts(files: list[str], summary: Any) -> DataFacts:
     return DataFacts(
         list(files), read=getattr(summary, "n_read", None), kept=getattr(summary, "n_kept", None),
         dropped=dict(getattr(summary, "dropped", {}) or {}), skipped=int(getattr(summary, "n_skipped", 0) or 0),
+        unit=str(getattr(summary, "unit", "pairs")),
     )  # fmt: skip
 
 
@@ -161,19 +168,33 @@ def _header(facts: RunFacts, kind: CardKind) -> str:
     if base:
         meta["base_model"] = base
     meta["library_name"] = "peft" if kind == "adapter" else "transformers"
-    meta["tags"] = ["dpo", "dpokit", facts.objective, *(["lora"] if kind == "adapter" else [])]
-    meta["tags"] = list(dict.fromkeys(meta["tags"]))
+    tags = _OBJECTIVE_TAGS.get(facts.objective, [facts.objective])
+    meta["tags"] = list(dict.fromkeys([*tags, "dpokit", *(["lora"] if kind == "adapter" else [])]))
+    if facts.objective == "reward" and kind != "adapter":  # one score per text: the Hub's classifier widget
+        meta["pipeline_tag"] = "text-classification"
     if datasets:
         meta["datasets"] = datasets
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
 _WHAT = {"adapter": "A LoRA adapter", "merged": "A LoRA adapter merged into its base model", "model": "A model"}
+_REWARD_WHAT = {"adapter": "The LoRA adapter (score head included) of a reward model",
+                "merged": "A reward model (LoRA adapter merged into its base)", "model": "A reward model"}  # fmt: skip
 
 
 def _title(facts: RunFacts, kind: CardKind) -> list[str]:
     name = Path(str(facts.config.get("train", {}).get("output_dir", "model"))).name or "model"
     what = _WHAT[kind]
+    if facts.objective == "reward":
+        what = _REWARD_WHAT[kind]
+        return [
+            f"# {name}" + (" (merged)" if kind == "merged" else ""),
+            "",
+            f"{what} trained by dpokit {facts.dpokit_version} on preference pairs (Bradley-Terry), "
+            f"from `{portable(facts.base_model)}`: `AutoModelForSequenceClassification` with one output; the reward "
+            "of a prompt + response is the score at its last token (`dpokit.models.reward.reward_scores`).",
+            "",
+        ]
     return [
         f"# {name}" + (" (merged)" if kind == "merged" else ""),
         "",
@@ -228,7 +249,7 @@ def _data_lines(label: str, data: DataFacts) -> list[str]:
     line = f"- {label}: {files}"
     if data.read is not None:
         dropped = sum(data.dropped.values())
-        line += f": {data.read} pairs read, {data.kept} kept, {dropped} dropped"
+        line += f": {data.read} {data.unit} read, {data.kept} kept, {dropped} dropped"
         if data.dropped:
             line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(data.dropped.items())) + ")"
         if data.skipped:
@@ -247,21 +268,33 @@ def _settings_table(title: str, values: Mapping[str, Any]) -> list[str]:
     return [f"| `{title}.{k}` | `{_fmt(portable(v))}` |" for k, v in values.items()]
 
 
+def _sft_objective(data: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The SFT line (what the loss covers) and its settings: the data keys that choose the scored tokens."""
+    if data.get("sft_target"):
+        covers = f"the {data['sft_target']} responses of preference pairs (Preferred-FT)"
+    else:
+        turns = "the last assistant turn" if data.get("sft_loss_on") == "last_assistant" else "every assistant turn"
+        covers = f"the completions (messages rows: {turns})"
+    head = f"SFT, loss: token-level NLL of {covers}, prompt masked, averaged per completion token of each micro-batch; "
+    keys = ("sft_target", "sft_loss_on", "max_length", "max_prompt_length", "truncation_mode", "packing")
+    return head, _settings_table("data", {k: data[k] for k in keys if k in data})
+
+
 def _objective_section(facts: RunFacts, kind: CardKind) -> list[str]:
     c = facts.config
     t = c.get("train", {})
     batch = f"{t.get('micro_batch_size')} x {t.get('grad_accum_steps')} (micro-batch x accumulation, per process)"
-    lines = [
-        "## Objective and training",
-        "",
-        f"{facts.objective.upper()}, loss `{c.get('loss', {}).get('type')}`, beta {_fmt(c.get('loss', {}).get('beta'))}; "
-        f"{facts.steps} optimizer steps, learning rate {_fmt(t.get('lr'))}, batch {batch}.",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *_settings_table("loss", c.get("loss", {})),
-        *_settings_table("reference", c.get("reference", {})),
-    ]
+    steps = f"{facts.steps} optimizer steps, learning rate {_fmt(t.get('lr'))}, batch {batch}."
+    if facts.objective == "reward":  # no DPO loss, no reference: the Bradley-Terry loss and its settings
+        center = c.get("reward", {}).get("center_rewards_coefficient")
+        head = f"Reward model, loss `-log sigmoid(r_chosen - r_rejected - margin) + c (r_chosen + r_rejected)^2`, c = {_fmt(center)}; "
+        settings = _settings_table("reward", c.get("reward", {}))
+    elif facts.objective == "sft":  # no preference loss, no reference: NLL of the completion tokens
+        head, settings = _sft_objective(c.get("data", {}))
+    else:
+        head = f"{facts.objective.upper()}, loss `{c.get('loss', {}).get('type')}`, beta {_fmt(c.get('loss', {}).get('beta'))}; "
+        settings = [*_settings_table("loss", c.get("loss", {})), *_settings_table("reference", c.get("reference", {}))]
+    lines = ["## Objective and training", "", head + steps, "", "| setting | value |", "|---|---|", *settings]
     lora = c.get("lora", {})
     if lora.get("enabled"):
         lines += _settings_table("lora", lora)
@@ -291,6 +324,7 @@ def _reproduce_section(facts: RunFacts) -> list[str]:
     config = portable(facts.config)
     if isinstance(config.get("train"), dict):  # reproducing the run must not push over the published model
         config["train"] = {**config["train"], "push_to_hub": False, "hub_model_id": None}
+    config = {k: v for k, v in config.items() if k not in _UNREAD_SECTIONS.get(facts.objective, ())}
     alias = ALIASES.get(facts.base_model.lower())
     install = [f"# with dpokit {facts.dpokit_version} installed"]
     if alias is not None:
@@ -299,7 +333,8 @@ def _reproduce_section(facts: RunFacts) -> list[str]:
     local = [f for f in files if not (f.startswith("builtin:") or dataset_id(f))]
     lines = ["## Reproduce", "", "Save this as `config.yaml`:", "", "```yaml",
              yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip(), "```", "", "then run:", "",
-             "```bash", *install, "dpokit train config.yaml", "```", ""]  # fmt: skip
+             "```bash", *install, f"dpokit {_COMMANDS.get(facts.objective, facts.objective)} config.yaml", "```",
+             ""]  # fmt: skip
     if local:
         lines += ["Local files are named by their file names here: put them beside `config.yaml` "
                   "(or edit the paths).", ""]  # fmt: skip

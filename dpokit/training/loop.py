@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dpokit.config import Config
-from dpokit.data.files import data_files
+from dpokit.data.files import data_files, write_rows
 from dpokit.data.stream import ExampleStream
 from dpokit.dist import Dist, make_accelerator
 from dpokit.errors import DpokitError
@@ -176,9 +176,20 @@ class _Run:
     bar_on: bool = False  # a live progress bar (a terminal); else one console line per log step
 
 
-def train(cfg: Config, objective: Objective | None = None, hooks: Sequence[Hook] = ()) -> TrainResult:
+def train(
+    cfg: Config,
+    objective: Objective | None = None,
+    hooks: Sequence[Hook] = (),
+    train_data: Iterable[Any] | None = None,
+    eval_data: Iterable[Any] | None = None,
+) -> TrainResult:
     """Train `cfg.model` with `objective` (default: DPO, `loss.type`) on `cfg.data.train_files`;
-    write everything to train.output_dir. `hooks` observe the loop (`dpokit.training.hooks`)."""
+    write everything to train.output_dir. `hooks` observe the loop (`dpokit.training.hooks`).
+
+    `train_data` / `eval_data`: rows in memory (a list of dicts or a `datasets.Dataset`) instead of
+    data.train_files / data.eval_files; they are written into the run folder as `train_data.jsonl` /
+    `eval_data.jsonl` and read like files (same checks, errors naming the row, resumable).
+    """
     cfg.validate()
     objective = objective or DPOObjective(cfg)
     objective.validate()
@@ -186,9 +197,11 @@ def train(cfg: Config, objective: Objective | None = None, hooks: Sequence[Hook]
     if done is not None and ckpt.resume_mode(cfg.train.resume) == "auto":  # finished: never train it again
         print(outputs.finished_message(Path(cfg.train.output_dir), done), flush=True)
         return TrainResult(cfg.train.output_dir, done.steps, written=done.written, already_complete=True)
-    objective.preflight(*data_files(cfg.data, cfg.train.seed))  # bad data fails before the model loads
+    if train_data is None and eval_data is None:
+        objective.preflight(*data_files(cfg.data, cfg.train.seed))  # bad data fails before the model loads
     out, created = outputs.prepare(cfg)
     try:
+        cfg = _rows_in_memory(cfg, out, objective, train_data, eval_data)
         run, state = _start(cfg, out, objective, hooks)
     except BaseException:
         outputs.discard_if_unused(out, created)  # no empty run folder after a failed start
@@ -198,6 +211,26 @@ def train(cfg: Config, objective: Objective | None = None, hooks: Sequence[Hook]
         if stopped is not None:
             return stopped
         return _finish(run, state)
+
+
+def _rows_in_memory(
+    cfg: Config, out: Path, objective: Objective, train_data: Iterable[Any] | None, eval_data: Iterable[Any] | None
+) -> Config:
+    """The config with data.train_files / eval_files pointing at in-memory rows written into the run
+    folder, checked like files before the model loads. (Under several processes each writes the same
+    bytes and renames them into place atomically, so no process reads a half-written file.)"""
+    if train_data is None and eval_data is None:
+        return cfg
+    changes = []
+    for name, rows, key in (("train_data", train_data, "train_files"), ("eval_data", eval_data, "eval_files")):
+        if rows is not None:
+            path = out / f"{name}.jsonl"
+            write_rows(rows, path, name)
+            changes.append(f"data.{key}=[{path}]")
+    cfg = cfg.override(changes)
+    objective.cfg = cfg
+    objective.preflight(*data_files(cfg.data, cfg.train.seed))
+    return cfg
 
 
 def _start(cfg: Config, out: Path, objective: Objective, hooks: Sequence[Hook]) -> tuple[_Run, LoopState]:

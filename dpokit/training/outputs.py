@@ -32,6 +32,7 @@ COMPLETE = "run_complete.json"
 # removes these and nothing else.
 _FILES = (
     "config.yaml", "metrics.jsonl", "summary.json", "skipped.jsonl", "skipped_eval.jsonl", COMPLETE, "README.md",
+    "train_data.jsonl", "eval_data.jsonl",
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
     "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",

@@ -81,6 +81,10 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
         assert len(s.responses) == len(res.prompts) == 6
         assert math.isfinite(s.kl) and s.heldout_accuracy is not None and 0 <= s.heldout_accuracy <= 1
         assert 0 <= s.win_rate["vader"] <= 1 and set(s.scores) == set(JUDGES)
+        # measured by `dpokit evaluate --prompts`'s code: a bootstrap interval around the win rate
+        lo, hi = s.win_interval["vader"]
+        assert 0 <= lo <= s.win_rate["vader"] <= hi <= 1 and set(s.length_corr) == set(JUDGES)
+    assert base.win_interval == {"vader": None, "textblob": None}
     assert final.kl != 0.0  # lr 1e-3 moved the adapters: the policy differs from the reference
 
     # The final adapter (saved by peft) and the last checkpoint (saved by the trainer) hold the same

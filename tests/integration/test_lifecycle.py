@@ -117,3 +117,58 @@ def test_python_api_names_are_functions() -> None:
 
     assert callable(evaluate) and evaluate.__module__ == "dpokit.eval.pairs"
     assert callable(train) and dpokit.Config.__name__ == "Config"
+
+
+def test_a_bad_first_row_fails_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model must not load before the data is checked")
+
+    monkeypatch.setattr(dpo.DPOObjective, "load_model", no_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    assert main(_args(tiny_model_dir, tmp_path / "run", f"data.train_files=[{bad}]")) == 2
+    assert "bad.jsonl, line 1, field 'rejected': missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_train_accepts_rows_in_memory(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """train(cfg, train_data=..., eval_data=...) with a list of dicts and a datasets.Dataset: the rows
+    are kept in the run folder and a bad one is named like a file row."""
+    from datasets import Dataset
+
+    from dpokit import Config, train
+    from dpokit.errors import DataError
+
+    rows = [json.loads(line) for line in (TOY / "train.jsonl").read_text().splitlines()[:32]]
+    held = Dataset.from_list([json.loads(line) for line in (TOY / "eval.jsonl").read_text().splitlines()[:8]])
+    cfg = Config.from_preset("tiny").override([f"model.name_or_path={tiny_model_dir}", f"train.output_dir={tmp_path / 'r'}",
+                                              "train.max_steps=2", "train.progress_bar=false"])  # fmt: skip
+    result = train(cfg, train_data=rows, eval_data=held)
+    assert result.steps == 2 and "eval/loss" in result.eval_metrics
+    assert len((tmp_path / "r" / "train_data.jsonl").read_text().splitlines()) == 32
+    assert "train_data.jsonl" in (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(DataError, match=r"train_data.jsonl, line 2, field 'rejected': missing field"):
+        train(cfg.override([f"train.output_dir={tmp_path / 'bad'}"]), train_data=[rows[0], {"prompt": "p", "chosen": "c"}])
+
+
+def test_the_readme_python_example_runs_outside_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's Python block, run as written in an empty folder holding the user's own files:
+    presets and builtin data resolve by package, and `train` receives a valid config (the SmolLM2
+    training itself is the demo's and the wheel test's business; here train is a stand-in)."""
+    import re
+
+    from dpokit.training import loop
+
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "my_pairs.jsonl").write_text((TOY / "train.jsonl").read_text())
+    (tmp_path / "my.yaml").write_text("data:\n  train_files: [my_pairs.jsonl]\ntrain:\n  output_dir: runs/mine\n")
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: seen.append(cfg.validate()) or "trained")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["result"] == "trained" and seen[0].data.train_files == ["my_pairs.jsonl"]
+    assert seen[0].lora.enabled and seen[0].train.output_dir == "runs/mine"

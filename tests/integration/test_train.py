@@ -86,6 +86,7 @@ def test_evaluate_cli_json(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.
     res = json.loads(capsys.readouterr().out)
     # policy == reference: every reward is 0, so the DPO loss is exactly ln 2 and accuracy 0
     assert res["pairs"] == 100 and res["beta"] == 0.2
+    assert type(res["pairs"]) is int and type(res["dropped"]) is int  # counts are integers, not 100.0
     assert res["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert res["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and res["rewards/accuracies"] == 0.0
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
