@@ -66,6 +66,21 @@ def accuracy_cell(margins: list[float | None]) -> str:
     return f"{sum(correct) / len(correct):.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def logged_eval(dpo: Path) -> str:
+    """What the DPO run itself logged on the held-out pairs at its last step (under its bf16 autocast)."""
+    import json
+
+    path = dpo / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    evals = [r for r in rows if "eval/rewards/accuracies" in r]
+    if not evals:
+        return ""
+    r = evals[-1]
+    return (f"The DPO run's own evaluation of the same held-out pairs at step {r['step']} (metrics.jsonl, bf16 autocast "
+            f"as in training; the table is fp32): accuracy {r['eval/rewards/accuracies']:.3f}, margin "
+            f"{r['eval/rewards/margins']:+.3f}.")  # fmt: skip
+
+
 def render(args: argparse.Namespace, held: dict[str, Any], train: dict[str, Any], timings: dict[str, float]) -> str:
     from dpokit.eval.scoring import correlation
 
@@ -87,7 +102,7 @@ def render(args: argparse.Namespace, held: dict[str, Any], train: dict[str, Any]
     for key, label in names.items():
         s = held["summary"]["scorers"][key]
         rows.append(f"| {label} | {accuracy_cell(hm[key])} | {s['mean_margin']:+.3f} | {accuracy_cell(tm[key])} | "
-                    f"{agree(key, 'implicit')} | {corr(key, 'vader')} |")  # fmt: skip
+                    f"{agree(key, 'implicit')} | {corr(key, 'implicit')} | {corr(key, 'vader')} |")  # fmt: skip
     env = common.environment("cpu")
     n_held, n_train = held["summary"]["rows"], train["summary"]["rows"]
     cmd = "python bench/implicit_vs_explicit.py" + ("" if args.trained else f" --dpo {args.dpo} --rm {args.rm}")
@@ -108,9 +123,12 @@ def render(args: argparse.Namespace, held: dict[str, Any], train: dict[str, Any]
         f"Scored with `dpokit score` on the {n_held} held-out pairs (`{HELD_OUT}`) and on the training pairs.",
         "",
         "| scorer | held-out accuracy [95% CI] | held-out mean margin | training-pair accuracy [95% CI] | held-out: same "
-        "preference as the implicit reward | held-out: margin correlation with vader |",
-        "|---|---:|---:|---:|---:|---:|",
+        "preference as the implicit reward | held-out: margin correlation with the implicit reward | held-out: margin "
+        "correlation with vader |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
+        "",
+        logged_eval(Path(args.dpo)),
         "",
         "*Accuracy*: share of pairs whose chosen response scores strictly above the rejected one (interval: "
         "percentile bootstrap over pairs, 2000 resamples, seed 0). vader's accuracy is 1 by construction (it chose "

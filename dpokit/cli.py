@@ -210,7 +210,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     """`dpokit score --data FILE [--model POLICY [--ref REF]] [--reward rm:PATH] [--judge J] --out FILE`."""
     from dpokit.eval.score import render_summary, score
 
-    cfg = _load_config(args.config, args.overrides)
+    cfg = _load_config(args.config, args.overrides, args.preset)
     if args.beta is not None:
         cfg = cfg.override([f"loss.beta={args.beta}"])
     if args.batch_size is not None:
@@ -234,6 +234,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default=None, metavar="FILE.jsonl", help="write one JSON line per row with its scores")
     s.add_argument("--batch-size", type=int, default=None, help="rows per forward pass")
     s.add_argument("--config", default=None, help="YAML config for data settings (max_length, format, ...)")
+    s.add_argument("--preset", metavar="NAME", default=None, help="the shipped config a model was trained with (its beta, lengths)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     s.set_defaults(func=cmd_score)
