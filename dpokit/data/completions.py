@@ -60,6 +60,7 @@ from dpokit.data.packing import PROMPT, PackedCollator, balanced_rows, first_fit
 from dpokit.data.pairs import (
     SKIP_HINT,
     TRUNCATION_MODES,
+    finish_summary,
     normalize_mapped_row,
     parse_messages,
     percentiles,
@@ -563,36 +564,7 @@ def load_completions(
         write_skipped(skipped_path, skipped)
     summary = _summarize(paths, raw, encoded)
     summary.notes = selection_notes(plan, sources, counts, picks)
-    return _finish(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded))
-
-
-def _finish(
-    summary: CompletionSummary,
-    skipped: list[dict[str, Any]],
-    skipped_path: str | Path | None,
-    paths: list[Path],
-    examples: list[TokenizedCompletion],
-) -> tuple[list[TokenizedCompletion], CompletionSummary]:
-    summary.n_skipped = len(skipped)
-    summary.skipped_examples = [
-        f"{r['file']}, {r['location']}" + (f", field '{r['field']}'" if r["field"] else "") + f": {r['reason']}"
-        for r in skipped[:3]
-    ]
-    summary.skipped_path = str(skipped_path) if skipped and skipped_path is not None else None
-    where = ", ".join(map(shown, paths))
-    if summary.n_read == 0:
-        listed = f"; all are listed in {skipped_path}" if skipped_path is not None else ""
-        raise DataError(
-            where,
-            f"all {len(skipped)} rows are malformed and were skipped (first: {summary.skipped_examples[0]}){listed}",
-        )
-    if not examples:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in summary.dropped.items())
-        raise DataError(
-            where, f"all {summary.n_read} examples were dropped ({reasons}); check data.max_length / max_prompt_length"
-        )
-    summary.n_kept = len(examples)  # with data.train_weights, repeats included
-    return examples, summary
+    return finish_summary(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded), unit="examples")
 
 
 def check_completions(files: str | Path | Sequence[str | Path], data_cfg: Any, rows: int = 8) -> None:

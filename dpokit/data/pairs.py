@@ -1045,16 +1045,16 @@ def load_pairs(
         write_skipped(skipped_path, skipped)
     summary = _summarize(paths, raw, encoded)
     summary.notes = selection_notes(plan, sources, counts, picks) + notes
-    return _finish(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded))
+    return finish_summary(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded))
 
 
-def _finish(
-    summary: DataSummary,
-    skipped: list[dict[str, Any]],
-    skipped_path: str | Path | None,
-    paths: list[Path],
-    pairs: list[TokenizedPair],
-) -> tuple[list[TokenizedPair], DataSummary]:
+def finish_summary(
+    summary: Any, skipped: list[dict[str, Any]], skipped_path: str | Path | None, paths: list[Path],
+    examples: list[Any], unit: str = "pairs",
+) -> tuple[list[Any], Any]:  # fmt: skip
+    """The loaders' last step (pairs here, completions in `dpokit.data.completions`): record the
+    skipped rows in `summary`, refuse a load that kept nothing (every row malformed, or every
+    example dropped by truncation) with the files named, and count what was kept."""
     summary.n_skipped = len(skipped)
     summary.skipped_examples = [
         f"{r['file']}, {r['location']}" + (f", field '{r['field']}'" if r["field"] else "") + f": {r['reason']}"
@@ -1068,14 +1068,14 @@ def _finish(
             where,
             f"all {len(skipped)} rows are malformed and were skipped (first: {summary.skipped_examples[0]}){listed}",
         )
-    if not pairs:
+    if not examples:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in summary.dropped.items())
         raise DataError(
             where,
-            f"all {summary.n_read} pairs were dropped ({reasons}); check data.max_length / max_prompt_length",
+            f"all {summary.n_read} {unit} were dropped ({reasons}); check data.max_length / max_prompt_length",
         )
-    summary.n_kept = len(pairs)  # with data.train_weights, repeats included
-    return pairs, summary
+    summary.n_kept = len(examples)  # with data.train_weights, repeats included
+    return examples, summary
 
 
 def check_pairs(files: str | Path | Sequence[str | Path], data_cfg: Any, rows: int = 8) -> None:
