@@ -51,79 +51,49 @@ def _validated(cfg: Config, path: str | None, overrides: list[str], preset: str 
         raise ConfigError(f"{_sources(path, overrides, preset)}: {exc}") from None
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _training_command(args: argparse.Namespace, command: str, example_preset: str, what: str) -> int:
+    """The body of `dpokit train | sft | reward`: the config from preset, file and overrides; training
+    with the command's objective; then how it ended (done, stopped by a signal, already complete)."""
     config, overrides = _split_config_arg(args.config, args.overrides)
     if config is None and args.preset is None:
         misplaced = f" (`{overrides[0]}` is an override, not a config file: overrides come after it)" if overrides else ""
         raise ConfigError(
-            f"dpokit train needs a config{misplaced}: a YAML file (`dpokit config > my.yaml` writes one), "
+            f"dpokit {command} needs a config{misplaced}: a YAML file (`dpokit config > my.yaml` writes one), "
             f"--preset NAME (one of: {', '.join(resources.presets())}), or a preset and a YAML file over it; "
-            "e.g. `dpokit train --preset tiny train.lr=1e-5`"
-        )
-    from dpokit.training.loop import train
-
-    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
-    result = train(cfg)
-    if result.already_complete:  # train.resume=auto on a finished run: the message was printed
-        return 0
-    if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
-        again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
-        base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
-        command = shlex.join(["dpokit", "train", *base, *again])
-        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
-        return 128 + result.stopped_by  # the shell's code for death by that signal: the run is not finished
-    print(f"done: {result.steps} steps; outputs in {result.output_dir}")
-    return 0
-
-
-def cmd_reward(args: argparse.Namespace) -> int:
-    """`dpokit reward`: a Bradley-Terry reward model on preference pairs, config loaded as `dpokit train` does."""
-    config, overrides = _split_config_arg(args.config, args.overrides)
-    if config is None and args.preset is None:
-        raise ConfigError(
-            "dpokit reward needs a config: a YAML file, --preset NAME (e.g. reward-tiny, reward-reviews), or both; "
-            "e.g. `dpokit reward --preset reward-tiny train.lr=1e-4`"
+            f"e.g. `dpokit {command} --preset {example_preset} train.lr=1e-5`"
         )
     from dpokit.objectives.reward import RewardObjective
-    from dpokit.training.loop import train
-
-    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
-    result = train(cfg, objective=RewardObjective(cfg))
-    if result.already_complete:  # train.resume=auto on a finished run: the message was printed
-        return 0
-    if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
-        again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
-        base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
-        command = shlex.join(["dpokit", "reward", *base, *again])
-        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
-        return 128 + result.stopped_by
-    print(f"done: reward model after {result.steps} steps; outputs in {result.output_dir}")
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
-    """`dpokit sft`: supervised fine-tuning on completions (or the chosen side of pairs), config as for train."""
-    config, overrides = _split_config_arg(args.config, args.overrides)
-    if config is None and args.preset is None:
-        raise ConfigError(
-            "dpokit sft needs a config: a YAML file, --preset NAME (e.g. sft-tiny, sft-reviews), or both; "
-            "e.g. `dpokit sft --preset sft-tiny train.lr=1e-4`"
-        )
     from dpokit.objectives.sft import SFTObjective
     from dpokit.training.loop import train
 
     cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
-    result = train(cfg, objective=SFTObjective(cfg))
+    objective = {"sft": SFTObjective, "reward": RewardObjective}.get(command)
+    result = train(cfg, objective=objective(cfg)) if objective else train(cfg)
     if result.already_complete:  # train.resume=auto on a finished run: the message was printed
         return 0
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
         again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
         base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
-        command = shlex.join(["dpokit", "sft", *base, *again])
-        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {command}", file=sys.stderr)
-        return 128 + result.stopped_by
-    print(f"done: {result.steps} SFT steps; outputs in {result.output_dir}")
+        again_cmd = shlex.join(["dpokit", command, *base, *again])
+        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {again_cmd}", file=sys.stderr)
+        return 128 + result.stopped_by  # the shell's code for death by that signal: the run is not finished
+    print(f"done: {what.format(steps=result.steps)}; outputs in {result.output_dir}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`dpokit train`: DPO (or a variant, loss.type) on preference pairs."""
+    return _training_command(args, "train", "tiny", "{steps} steps")
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    """`dpokit reward`: a Bradley-Terry reward model on preference pairs."""
+    return _training_command(args, "reward", "reward-tiny", "reward model after {steps} steps")
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """`dpokit sft`: supervised fine-tuning on completions (or the chosen side of pairs)."""
+    return _training_command(args, "sft", "sft-tiny", "{steps} SFT steps")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
