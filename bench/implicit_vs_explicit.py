@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import subprocess
 import sys
 import time
@@ -31,17 +32,18 @@ HELD_OUT = "builtin:reviews/eval_pairs.jsonl"
 TRAIN = "builtin:reviews/pairs.jsonl"
 
 
-def train_if_missing(kind: str, folder: Path, preset: str, extra: list[str]) -> float:
-    """Run `dpokit train|reward --preset P` into ``folder`` unless a finished run is there; seconds taken."""
-    if (folder / "run_complete.json").is_file():
+def train_if_missing(kind: str, folder: Path, preset: str, extra: list[str]) -> str:
+    """Run `dpokit train|reward --preset P` into ``folder`` unless a finished run is there; how long it took."""
+    done = folder / "run_complete.json"
+    if done.is_file():
         print(f"[ive] using the finished {kind} run in {folder}", flush=True)
-        return 0.0
+        return f"an earlier run (finished {json.loads(done.read_text()).get('finished', '?')})"
     cmd = [sys.executable, "-m", "dpokit", kind, "--preset", preset, f"train.output_dir={folder}",
            "train.overwrite=true", "train.progress_bar=false", *extra]  # fmt: skip
     print("[ive] " + " ".join(cmd[2:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=common.REPO)
-    return time.perf_counter() - start
+    return f"{time.perf_counter() - start:.0f} s"
 
 
 def score_pairs(data: str, dpo: Path, rm: Path) -> dict[str, Any]:
@@ -68,8 +70,6 @@ def accuracy_cell(margins: list[float | None]) -> str:
 
 def logged_eval(dpo: Path) -> str:
     """What the DPO run itself logged on the held-out pairs at its last step (under its bf16 autocast)."""
-    import json
-
     path = dpo / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     evals = [r for r in rows if "eval/rewards/accuracies" in r]
@@ -81,7 +81,7 @@ def logged_eval(dpo: Path) -> str:
             f"{r['eval/rewards/margins']:+.3f}.")  # fmt: skip
 
 
-def render(args: argparse.Namespace, held: dict[str, Any], train: dict[str, Any], timings: dict[str, float]) -> str:
+def render(args: argparse.Namespace, held: dict[str, Any], train: dict[str, Any], timings: dict[str, str]) -> str:
     from dpokit.eval.scoring import correlation
 
     rm = f"rm:{args.rm}"
@@ -114,7 +114,7 @@ def render(args: argparse.Namespace, held: dict[str, Any], train: dict[str, Any]
         f"    {cmd}",
         "",
         f"{dt.datetime.now():%Y-%m-%d %H:%M}. CPU ({env['cpu']}, {env['cpu_count']} cores), torch {env['torch']}, "
-        f"transformers {env['transformers']}. Seconds: {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}.",
+        f"transformers {env['transformers']}. Time: {', '.join(f'{k} {v}' for k, v in timings.items())}.",
         "",
         f"Both models start from SmolLM2-135M-Instruct and see the same {n_train} training pairs "
         f"(`{TRAIN}`: the model's own samples, the more positive by VADER chosen): the DPO policy is the demo's "
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     held = score_pairs(HELD_OUT, Path(args.dpo), Path(args.rm))
     train = score_pairs(TRAIN, Path(args.dpo), Path(args.rm))
-    timings["scoring"] = time.perf_counter() - start
+    timings["scoring"] = f"{time.perf_counter() - start:.0f} s"
     text = render(args, held, train, timings)
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)
