@@ -1,4 +1,4 @@
-"""Command line: `dpokit train | reward | sft | evaluate | score | config | pairs | demo`.
+"""Command line: `dpokit train | reward | sft | rl | evaluate | score | config | export | pairs | bon | compare | demo`.
 
 Only argument parsing lives here: each command builds a Config and calls the library. Errors the
 user can fix (DpokitError) print one line and exit 2; `--debug` shows the traceback instead.
@@ -13,7 +13,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from dpokit import resources
 from dpokit.config import Config, trl_hint
@@ -64,11 +64,15 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
         )
     from dpokit.objectives.reward import RewardObjective
     from dpokit.objectives.sft import SFTObjective
+    from dpokit.rl.loop import train_rl
     from dpokit.training.loop import train
 
     cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
     objective = {"sft": SFTObjective, "reward": RewardObjective}.get(command)
-    result = train(cfg, objective=objective(cfg)) if objective else train(cfg)
+    if command == "rl":  # RL reuses the training pieces, not the training loop (dpokit.rl.loop)
+        result: Any = train_rl(cfg)
+    else:
+        result = train(cfg, objective=objective(cfg)) if objective else train(cfg)
     if result.already_complete:  # train.resume=auto on a finished run: the message was printed
         return 0
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
@@ -94,6 +98,11 @@ def cmd_reward(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     """`dpokit sft`: supervised fine-tuning on completions (or the chosen side of pairs)."""
     return _training_command(args, "sft", "sft-tiny", "{steps} SFT steps")
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    """`dpokit rl`: PPO or RLOO against a reward (rl.algorithm, rl.reward)."""
+    return _training_command(args, "rl", "rl-tiny", "{steps} RL steps")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -256,26 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     names = ", ".join(resources.presets())
-    t = sub.add_parser("train", help="train a model with DPO from a YAML config and/or a preset")
-    t.add_argument("--preset", metavar="NAME", default=None,
-                   help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
-    t.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-5")
-    t.set_defaults(func=cmd_train)
-
-    r = sub.add_parser("reward", help="train a Bradley-Terry reward model on preference pairs (config as for train)")
-    r.add_argument("--preset", metavar="NAME", default=None,
-                   help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
-    r.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
-    r.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. reward.center_rewards_coefficient=0.01")
-    r.set_defaults(func=cmd_reward)
-
-    f = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages rows (config as for train)")
-    f.add_argument("--preset", metavar="NAME", default=None,
-                   help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
-    f.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
-    f.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.sft_loss_on=last_assistant")
-    f.set_defaults(func=cmd_sft)
+    for name, func, what, example in (
+        ("train", cmd_train, "train a model with DPO from a YAML config and/or a preset", "train.lr=1e-5"),
+        ("reward", cmd_reward, "train a Bradley-Terry reward model on preference pairs (config as for train)",
+         "reward.center_rewards_coefficient=0.01"),
+        ("sft", cmd_sft, "supervised fine-tuning on prompt/completion or messages rows (config as for train)",
+         "data.sft_loss_on=last_assistant"),
+        ("rl", cmd_rl, "RLHF's RL stage: PPO or RLOO against a reward model, judge or callable (rl.* keys)",
+         "rl.algorithm=rloo rl.kl_coef=0.1"),
+    ):  # fmt: skip
+        t = sub.add_parser(name, help=what)
+        t.add_argument("--preset", metavar="NAME", default=None,
+                       help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
+        t.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
+        t.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
+        t.set_defaults(func=func)
 
     e = sub.add_parser("evaluate", help="DPO metrics over a preference file (--data), or judged generation (--prompts)")
     e.add_argument("--model", required=True, action="append",
@@ -314,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
-    from dpokit.apps import demo, pairs
+    from dpokit.apps import bon, demo, pairs
 
+    bp = sub.add_parser("bon", help="best-of-N baseline: sample N, keep the reward's best, judge it, KL bound")
+    bon.add_bon_arguments(bp)
+    bp.set_defaults(func=bon.bon_command)
     pp = sub.add_parser("pairs", help="sample responses, label them with a judge, write preference pairs")
     pairs.add_pairs_arguments(pp)
     pp.set_defaults(func=pairs.pairs_command)

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses that are also the YAML and CLI schema.
 
 A YAML file mirrors `Config` one-to-one (`model:`, `data:`, `loss:`, `reference:`, `lora:`,
-`reward:`, `train:` sections with exactly the field names below). Unknown keys and wrong types are errors
+`reward:`, `rl:`, `train:` sections with exactly the field names below). Unknown keys and wrong types are errors
 that name the key; `Config.validate()` checks values and cross-field rules. Overrides on the
 command line use the same dotted names: `train.lr=1e-5 loss.type=ipo`.
 
@@ -185,6 +185,58 @@ class RewardConfig:
     )
 
 
+@dataclass
+class RLConfig:
+    """`dpokit rl`: PPO / RLOO against a reward (train.* sets steps, lr, seed, batches, checkpoints)."""
+
+    algorithm: Literal["ppo", "rloo"] = _f(
+        "ppo", "ppo: clipped policy + value losses with GAE; rloo: k samples per prompt, leave-one-out baseline, no value model"
+    )
+    prompt_files: list[str] = _f(
+        ["builtin:reviews/train_prompts.jsonl"], "prompt files (.jsonl with a prompt field, or text: one per line)"
+    )
+    reward: str = _f(
+        "vader",
+        "what scores a response: vader, textblob, rm:PATH (a `dpokit reward` folder; re-tokenises the text with its "
+        "own tokenizer), module:function or file.py:function (texts, or prompts and texts -> one number each)",
+    )
+    missing_eos_penalty: float | None = _f(
+        None, "subtracted from the score of a response that did not end (hit rl.max_new_tokens without EOS); null = none"
+    )
+    kl_coef: float = _f(0.05, "per-token KL penalty coefficient in the reward (the start value when rl.kl_target is set)")
+    kl_target: float | None = _f(
+        None,
+        "adaptive KL controller (Ziegler et al. 2019): steer the coefficient so the sequence-level KL approaches this "
+        "value; null = fixed rl.kl_coef",
+    )
+    kl_horizon: int = _f(10000, "adaptive controller horizon in samples (larger = slower coefficient changes)")
+    kl_estimator: Literal["k1", "k3"] = _f(
+        "k1", "per-token KL estimator: k1 = log pi - log ref; k3 = exp(log ref - log pi) - 1 - (log ref - log pi) (>= 0)"
+    )
+    prompts_per_step: int = _f(16, "prompts sampled per RL step (one rollout batch)")
+    samples_per_prompt: int = _f(0, "responses per prompt; 0 = auto: 1 for ppo, 2 for rloo (needs >= 2)")
+    max_new_tokens: int = _f(48, "max tokens of a sampled response")
+    temperature: float = _f(1.0, "sampling temperature; log-probs are taken at the same temperature")
+    max_prompt_length: int = _f(128, "prompts longer than this many tokens (chat template included) are skipped and counted")
+    ppo_epochs: int = _f(4, "passes over each rollout batch (minibatch updates on the same samples)")
+    num_minibatches: int = _f(1, "minibatches per pass over the rollout batch (one optimizer step each)")
+    cliprange: float = _f(0.2, "policy ratio clip epsilon")
+    cliprange_value: float = _f(0.2, "value clip range around the rollout values (ppo)")
+    vf_coef: float = _f(0.1, "weight of the value loss (ppo)")
+    gamma: float = _f(1.0, "discount (ppo GAE)")
+    lam: float = _f(0.95, "GAE lambda (ppo)")
+    whiten_advantages: bool = _f(True, "normalise advantages to zero mean, unit variance over the rollout batch")
+    value_model: Literal["auto", "reward", "policy"] = _f(
+        "auto",
+        "ppo value model initialisation: reward = a copy of the rl.reward reward model (standard), policy = the "
+        "policy's backbone with a new head; auto = reward when rl.reward is rm:PATH, else policy",
+    )
+
+    def samples(self) -> int:
+        """Responses per prompt, with 0 (auto) resolved for the algorithm."""
+        return self.samples_per_prompt or (2 if self.algorithm == "rloo" else 1)
+
+
 # Loggers `train.report_to` accepts besides metrics.jsonl; each is an optional extra
 # (pip install 'dpokit[NAME]'). `dpokit.training.metrics.register_backend` adds to it (config sits below
 # the loggers and must not import them); tests/unit/test_loggers.py checks it equals metrics.BACKENDS.
@@ -246,6 +298,7 @@ SECTIONS: dict[str, type] = {
     "reference": ReferenceConfig,
     "lora": LoraConfig,
     "reward": RewardConfig,
+    "rl": RLConfig,
     "train": TrainConfig,
 }
 
@@ -258,6 +311,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # ---- construction -------------------------------------------------------------------
@@ -381,6 +435,7 @@ class Config:
             ),
             (len(d.train_files) > 0, "data.train_files is empty: give at least one file"),
             *_data_checks(d),
+            *_rl_checks(self.rl),
             (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
             (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
             (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
@@ -421,6 +476,36 @@ class Config:
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def _rl_checks(r: RLConfig) -> list[tuple[bool, str]]:
+    """Config.validate's checks of the rl section (`dpokit rl`)."""
+    return [
+        (len(r.prompt_files) > 0, "rl.prompt_files is empty: give at least one prompts file"),
+        (bool(r.reward.strip()), "rl.reward is empty: name a judge, rm:PATH or module:function"),
+        (r.kl_coef >= 0, "rl.kl_coef must be >= 0"),
+        (r.kl_target is None or r.kl_target > 0, "rl.kl_target must be > 0 (or null for a fixed rl.kl_coef)"),
+        (r.kl_target is None or r.kl_coef > 0, "rl.kl_target adapts rl.kl_coef multiplicatively: start it > 0"),
+        (r.kl_horizon >= 1, "rl.kl_horizon must be >= 1"),
+        (r.missing_eos_penalty is None or r.missing_eos_penalty >= 0, "rl.missing_eos_penalty must be >= 0"),
+        (r.prompts_per_step >= 1 and r.samples_per_prompt >= 0, "rl.prompts_per_step must be >= 1, rl.samples_per_prompt >= 0"),
+        (
+            r.algorithm != "rloo" or r.samples() >= 2,
+            f"rl.algorithm=rloo needs rl.samples_per_prompt >= 2 (the baseline of a sample is the other samples of "
+            f"its prompt), got {r.samples_per_prompt}",
+        ),
+        (r.max_new_tokens >= 1 and r.max_prompt_length >= 1, "rl.max_new_tokens and rl.max_prompt_length must be >= 1"),
+        (r.temperature > 0, "rl.temperature must be > 0 (log-probs are taken at that temperature)"),
+        (r.ppo_epochs >= 1 and r.num_minibatches >= 1, "rl.ppo_epochs and rl.num_minibatches must be >= 1"),
+        (
+            r.num_minibatches <= r.prompts_per_step * r.samples(),
+            f"rl.num_minibatches ({r.num_minibatches}) exceeds the responses per step "
+            f"({r.prompts_per_step} x {r.samples()})",
+        ),
+        (r.cliprange > 0 and r.cliprange_value > 0, "rl.cliprange and rl.cliprange_value must be > 0"),
+        (r.vf_coef >= 0, "rl.vf_coef must be >= 0"),
+        (0 <= r.gamma <= 1 and 0 <= r.lam <= 1, "rl.gamma and rl.lam must be in [0, 1]"),
+    ]
+
+
 def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
     """Config.validate's checks of the data keys that choose rows and read Hub datasets."""
     weights, names = d.train_weights, list(d.columns.values())
@@ -470,6 +555,11 @@ TRL_NAMES: dict[str, str] = {
     "learning_rate": "train.lr", "optim": "train.optimizer", "weight_decay": "train.weight_decay",
     "warmup_steps": "train.warmup_steps", "lr_scheduler_type": "train.scheduler", "max_grad_norm": "train.max_grad_norm",
     "center_rewards_coefficient": "reward.center_rewards_coefficient",
+    "kl_coef": "rl.kl_coef", "kl_estimator": "rl.kl_estimator", "num_ppo_epochs": "rl.ppo_epochs",
+    "num_mini_batches": "rl.num_minibatches", "cliprange": "rl.cliprange", "cliprange_value": "rl.cliprange_value",
+    "vf_coef": "rl.vf_coef", "lam": "rl.lam", "gamma": "rl.gamma", "missing_eos_penalty": "rl.missing_eos_penalty",
+    "response_length": "rl.max_new_tokens", "num_generations": "rl.samples_per_prompt", "reward_model_path": "rl.reward",
+    "reward_funcs": "rl.reward", "whiten_rewards": "rl.whiten_advantages",
     "seed": "train.seed", "bf16": "train.mixed_precision=bf16", "gradient_checkpointing": "train.gradient_checkpointing",
     "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
     "save_total_limit": "train.keep_checkpoints", "resume_from_checkpoint": "train.resume", "report_to": "train.report_to",
@@ -534,6 +624,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                 pass
         return _coerce(value, inner[-1], key, where)
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false (train.mixed_precision=no)
+            value = "no"
         if value not in args:
             raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, args))}")
         return value

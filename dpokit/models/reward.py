@@ -46,7 +46,9 @@ __all__ = [
     "last_token_index",
     "load_reward_base",
     "load_reward_model",
+    "load_value_model",
     "pair_rewards",
+    "position_scores",
     "reward_scores",
     "rewards_at",
     "save_reward_model",
@@ -201,6 +203,29 @@ def load_reward_model(name_or_path: str, cfg: Config, dtype: torch.dtype) -> tup
     return model.eval(), tokenizer
 
 
+def load_value_model(cfg: Config, dtype: torch.dtype, reward_path: str | None) -> tuple[Any, Any]:
+    """PPO's trainable value model (one output per position, `position_scores`): a copy of the reward
+    model at ``reward_path`` (the standard initialisation: it already reads the responses the way the
+    reward does), or, with None, model.name_or_path's backbone with a new head (`load_reward_base`).
+    A LoRA reward adapter is merged into its base first, so the value model trains its own adapters
+    (lora.enabled) or all its weights, score head included; dropout off, no KV cache. Returns (model,
+    tokenizer): the caller checks the value model reads the policy's token ids."""
+    if reward_path is None:
+        return load_reward_base(cfg, dtype)
+    model, tokenizer = load_reward_model(reward_path, cfg, dtype)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.use_cache = False
+    model.train()
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.lora.enabled:
+        model = _apply_lora(model, cfg)
+    disable_dropout(model)
+    return model, tokenizer
+
+
 def save_reward_model(model: Any, tokenizer: Any, cfg: Config, out_dir: Path) -> dict[str, str]:
     """The final folder: full weights, or the LoRA adapter AND ``out/merged`` whatever lora.merge says
     (a reward model is used by other tools, which want a plain AutoModelForSequenceClassification folder)."""
@@ -227,9 +252,10 @@ def score_head(model: Any) -> torch.nn.Module:
     return head
 
 
-def rewards_at(model: Any, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
-    """One forward of `model` over `inputs` (whose ``input_ids`` are (R, T)) and the score head's output
-    at the positions (rows[k], cols[k]): (M,) fp32. transformers' own pooled logits are not used."""
+def position_scores(model: Any, inputs: dict[str, Any]) -> Tensor:
+    """One forward of `model` over `inputs` (whose ``input_ids`` are (R, T)): the score head's output at
+    every position, (R, T) in the model's dtype. A reward reads the last token; PPO's value model reads
+    the position before each response token. transformers' own pooled logits are not used."""
     r, t = inputs["input_ids"].shape
     captured: list[Tensor] = []
     handle = score_head(model).register_forward_hook(lambda _m, _args, out: captured.append(out))
@@ -237,8 +263,13 @@ def rewards_at(model: Any, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -
         model(**inputs)
     finally:
         handle.remove()
-    scores = captured[-1].reshape(r, t)  # (R, T): one output per position ((1, R*T, 1) when flattened for flash)
-    return scores[rows, cols].float()
+    return captured[-1].reshape(r, t)  # (R, T): one output per position ((1, R*T, 1) when flattened for flash)
+
+
+def rewards_at(model: Any, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
+    """One forward of `model` over `inputs` and the score head's output at the positions (rows[k], cols[k]):
+    (M,) fp32."""
+    return position_scores(model, inputs)[rows, cols].float()
 
 
 def last_token_index(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -27,7 +26,6 @@ import torch
 import yaml
 from accelerate.utils import set_seed
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dpokit.config import Config
 from dpokit.data.files import data_files, write_rows
@@ -256,7 +254,7 @@ def _start(cfg: Config, out: Path, objective: Objective, hooks: Sequence[Hook]) 
                                  config=cfg.to_dict())  # fmt: skip
     # A bar on a terminal; in a log file (no TTY) one plain line per log step instead of \r frames.
     run.bar_on = t.progress_bar and s.dist.is_main and sys.stderr.isatty()
-    run.bar = _progress_bar(steps, enabled=run.bar_on, initial=state.step, desc=objective.name)
+    run.bar = M.progress_bar(steps, enabled=run.bar_on, initial=state.step, desc=objective.name)
     for hook in hooks:
         hook.on_setup({"batches": s.collator.describe(), "attention": attn_implementation_of(policy)})
     return run, state
@@ -492,7 +490,7 @@ def _resume(run: _Run) -> LoopState:
     else:
         run.s.dist.print("warning: the checkpoint has no RNG state for this process (another number of processes?)")
     if acc.is_main_process:
-        _truncate_metrics(run.out / "metrics.jsonl", state.rows)
+        M.truncate_metrics(run.out / "metrics.jsonl", state.rows)
     run.s.dist.print(f"resumed from {found.path} (step {found.step} of {run.steps})")
     return state
 
@@ -520,19 +518,6 @@ def _adopt_changed_settings(run: _Run, config_yaml: str) -> None:
         sched.base_lrs = [lr] * len(sched.base_lrs)
         for group, factor in zip(run.optimizer.param_groups, sched.lr_lambdas):
             group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
-
-
-def _truncate_metrics(path: Path, rows: int) -> None:
-    """Keep the first `rows` rows of metrics.jsonl (those logged up to the checkpoint): the
-    steps after it run again and log their rows again, so none is duplicated."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    if len(lines) < rows:
-        print(f"warning: {path} has {len(lines)} rows, the checkpoint expected {rows}; appending to it")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(lines[:rows]), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate_during_training(run: _Run) -> dict[str, float]:
@@ -567,7 +552,3 @@ def _push(run: _Run) -> None:
             run.s.dist.print(f"pushed {run.out} to the Hub: {cards.push_to_hub(run.out, t.hub_model_id)}")
         except DpokitError as exc:
             print(f"warning: {exc}", file=sys.stderr)
-
-
-def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "") -> Any:
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc)

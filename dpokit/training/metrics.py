@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 from dpokit.config import REPORT_TO
 
 
@@ -197,3 +199,21 @@ def format_line(step: int, total: int, metrics: dict[str, Any], keys: Sequence[t
     shown = {f"eval/{k}" for k, _, _ in keys[:2]}
     evals = [f"{k} {v:.4f}" for k, v in metrics.items() if k in shown]
     return " | ".join(parts + evals)
+
+
+def truncate_metrics(path: Path, rows: int) -> None:
+    """Keep the first `rows` rows of metrics.jsonl (those logged up to the checkpoint): the
+    steps after it run again and log their rows again, so none is duplicated."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if len(lines) < rows:
+        print(f"warning: {path} has {len(lines)} rows, the checkpoint expected {rows}; appending to it")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(lines[:rows]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "") -> Any:
+    """The loop's progress bar (disabled: no output at all)."""
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc)
