@@ -318,11 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
-    from dpokit.apps import bon, demo, pairs
+    from dpokit.apps import bon, compare, demo, pairs
 
     bp = sub.add_parser("bon", help="best-of-N baseline: sample N, keep the reward's best, judge it, KL bound")
     bon.add_bon_arguments(bp)
     bp.set_defaults(func=bon.bon_command)
+    cp = sub.add_parser("compare", help="RLHF vs DPO: reward model, DPO betas, Preferred-FT, PPO, RLOO, Best-of-N; "
+                        "gold reward vs KL frontier (docs/rlhf-vs-dpo.md)")
+    compare.add_compare_arguments(cp)
+    cp.set_defaults(func=compare.compare_command)
     pp = sub.add_parser("pairs", help="sample responses, label them with a judge, write preference pairs")
     pairs.add_pairs_arguments(pp)
     pp.set_defaults(func=pairs.pairs_command)
