@@ -167,7 +167,7 @@ def _start(cfg: Config, out: Path, prompt_rows: list[str], log: Callable[[str], 
         tokenizer.pad_token = tokenizer.eos_token
     prompts = _usable_prompts(prompt_rows, tokenizer, cfg, log)
     reward = load_judge(cfg.rl.reward, gen_cfg, cfg.train.eval_batch_size)
-    value = _value_model(gen_cfg, dtype, tokenizer, log) if cfg.rl.algorithm == "ppo" else None
+    value, value_from = _value_model(gen_cfg, dtype, tokenizer, log) if cfg.rl.algorithm == "ppo" else (None, "")
     reference = None
     if not cfg.lora.enabled:  # full fine-tuning: a frozen copy of the starting policy
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -185,8 +185,10 @@ def _start(cfg: Config, out: Path, prompt_rows: list[str], log: Callable[[str], 
     run.logger = M.MetricsLogger(out, cfg.train.report_to, append=state.step > 0, config=cfg.to_dict())
     run.bar = M.progress_bar(steps, cfg.train.progress_bar and sys.stderr.isatty(), state.step, f"rl-{cfg.rl.algorithm}")
     log(f"[rl] {cfg.rl.algorithm}: {steps} steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples()} samples, "
-        f"reward {reward.name}, reference {'a frozen copy' if reference is not None else 'the base (adapters off)'}"
-        f"{', value model from ' + (_value_source(cfg) or 'the policy') if value is not None else ''}")  # fmt: skip
+        f"reward {reward.name}, reference {'a frozen copy' if reference is not None else 'the base (adapters off)'}, "
+        f"KL estimator {cfg.rl.kl_estimator} x coefficient {cfg.rl.kl_coef}"
+        f"{f' adapted towards KL {cfg.rl.kl_target}' if cfg.rl.kl_target is not None else ' (fixed)'}"
+        f"{', value model from ' + value_from if value is not None else ''}")  # fmt: skip
     return run, state
 
 
@@ -206,19 +208,22 @@ def _value_source(cfg: Config) -> str | None:
     return spec[3:].strip() if is_rm and cfg.rl.value_model in ("auto", "reward") else None
 
 
-def _value_model(cfg: Config, dtype: torch.dtype, tokenizer: Any, log: Callable[[str], Any]) -> Any:
-    """PPO's value model. It reads the policy's token ids, so a reward model with another vocabulary
-    cannot seed it: auto then starts from the policy's backbone, an explicit rl.value_model=reward is refused."""
+def _value_model(cfg: Config, dtype: torch.dtype, tokenizer: Any, log: Callable[[str], Any]) -> tuple[Any, str]:
+    """PPO's value model and where it started from. It reads the policy's token ids, so a reward model with
+    another vocabulary cannot seed it: auto then starts from the policy's backbone, an explicit
+    rl.value_model=reward is refused."""
     path = _value_source(cfg)
     model, value_tokenizer = load_value_model(cfg, dtype, path)
-    if path is None or value_tokenizer.get_vocab() == tokenizer.get_vocab():
-        return model
+    if path is None:
+        return model, "the policy"
+    if value_tokenizer.get_vocab() == tokenizer.get_vocab():
+        return model, path
     if cfg.rl.value_model == "reward":
         raise DpokitError(f"rl.value_model=reward: the reward model {path} has another tokenizer than the policy, and "
                           "the value model reads the policy's tokens; use rl.value_model=policy")  # fmt: skip
     log(f"[rl] the reward model {path} has another tokenizer: the value model starts from the policy instead")
     del model
-    return load_value_model(cfg, dtype, None)[0]
+    return load_value_model(cfg, dtype, None)[0], "the policy"
 
 
 def _usable_prompts(rows: list[str], tokenizer: Any, cfg: Config, log: Callable[[str], Any]) -> list[str]:

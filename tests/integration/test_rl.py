@@ -156,3 +156,23 @@ def test_command_line(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert "holds a finished run" in capsys.readouterr().out
     assert main(["rl", "--preset", "rl-tiny", "rl.algorithm=rloo", "rl.samples_per_prompt=1"]) == 2
     assert "rloo needs rl.samples_per_prompt >= 2" in capsys.readouterr().err
+
+
+def test_a_reward_model_with_another_tokenizer(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The reward re-tokenises the text with its own tokenizer; the value model, which reads the policy's
+    token ids, then starts from the policy (auto) or is refused (rl.value_model=reward)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    rm.config.pad_token_id = rm.config.eos_token_id
+    rm.save_pretrained(str(tmp_path / "rm"))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.add_tokens(["<only-in-the-reward-model>"])  # another vocabulary (the new id never occurs in the texts)
+    tok.save_pretrained(str(tmp_path / "rm"))
+    common = [f"rl.reward=rm:{tmp_path / 'rm'}", "train.max_steps=1", "rl.value_model=auto"]
+    assert train_rl(_cfg(tiny_model_dir, tmp_path / "a", *common)).steps == 1
+    log = capsys.readouterr().out
+    assert "has another tokenizer: the value model starts from the policy" in log and "value model from the policy" in log
+    assert "KL estimator k1 x coefficient 0.01 (fixed)" in log
+    with pytest.raises(DpokitError, match="rl.value_model=reward: the reward model .* has another tokenizer"):
+        train_rl(_cfg(tiny_model_dir, tmp_path / "b", *common[:2], "rl.value_model=reward"))
