@@ -7,7 +7,7 @@ matplotlib's Agg backend (files only).
 
 The frontier of a method is the upper-left envelope of its checkpoints in (KL, gold) space: a
 checkpoint is on it when no checkpoint of that method has at most its KL and a higher gold score.
-Two methods are compared by interpolating each frontier linearly at matched KLs, only where both
+Every frontier starts at the base policy (KL 0, the base's gold): every method starts from it. Two methods are compared by interpolating each frontier linearly at matched KLs, only where both
 frontiers have points on both sides (the overlap of their KL ranges), never by extrapolating.
 """
 
@@ -104,7 +104,8 @@ def compare_frontiers(
     a: str, front_a: Sequence[tuple[float, float]], b: str, front_b: Sequence[tuple[float, float]], n: int = GRID
 ) -> FrontierComparison:
     """Gold(a) - gold(b) at ``n`` evenly spaced KLs of the overlap (one KL when the overlap is a
-    point); "not comparable" when a frontier is empty or the KL ranges do not overlap."""
+    point; without its lower end when both frontiers start at the same point, the base policy, where
+    they are equal by construction); "not comparable" when a frontier is empty or the ranges do not overlap."""
     if not front_a or not front_b:
         return FrontierComparison(a, b, "not comparable")
     ra, rb = [front_a[0][0], front_a[-1][0]], [front_b[0][0], front_b[-1][0]]
@@ -112,6 +113,8 @@ def compare_frontiers(
     if lo > hi:
         return FrontierComparison(a, b, "not comparable", range_a=ra, range_b=rb)
     kls = [lo] if hi == lo else [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    if front_a[0] == front_b[0] and hi > lo:  # both start at the base policy: equal there by construction
+        kls = [lo + (hi - lo) * i / n for i in range(1, n + 1)]
     diffs = [interpolate(front_a, k) - interpolate(front_b, k) for k in kls]
     verdict = "above" if all(d > 0 for d in diffs) else "below" if all(d < 0 for d in diffs) else "crosses"
     return FrontierComparison(a, b, verdict, lo, hi, kls, diffs, ra, rb)
@@ -121,8 +124,11 @@ def method_points(points: Sequence[Point], method: str) -> list[Point]:
     return [p for p in points if p.method == method and _finite(p.kl) and _finite(p.gold)]
 
 
-def method_frontier(points: Sequence[Point], method: str) -> list[tuple[float, float]]:
-    return frontier([(float(p.kl), float(p.gold)) for p in method_points(points, method)])
+def method_frontier(points: Sequence[Point], method: str, base: Point | None = None) -> list[tuple[float, float]]:
+    """A method's frontier over its checkpoints, starting at the base policy (KL 0, the base's gold): every
+    method starts there, so every frontier is defined from KL 0 (the DPO paper's curves start at the SFT model)."""
+    start = [(0.0, float(base.gold))] if base is not None and _finite(base.gold) else []
+    return frontier(start + [(float(p.kl), float(p.gold)) for p in method_points(points, method)])
 
 
 def best_within(points: Sequence[Point], budget: float | None = None) -> Point | None:
@@ -189,7 +195,7 @@ def analyse(points: Sequence[Point], base: Point | None, budget: float | None = 
     present = [m for m in METHODS if method_points(points, m)]
     best = {m: best_within(method_points(points, m)) for m in present}
     within = {m: best_within(method_points(points, m), chosen) for m in present}
-    fronts = {m: method_frontier(points, m) for m in present}
+    fronts = {m: method_frontier(points, m, base) for m in present}
     comparisons = [
         compare_frontiers("dpo", fronts["dpo"], m, fronts[m]) for m in present if m != "dpo" and "dpo" in fronts
     ]
@@ -384,9 +390,10 @@ def method_notes(results: dict[str, Any]) -> list[str]:
         "(k1 estimator; the reference is the base model, i.e. the LoRA adapters switched off); unbiased because "
         "the samples come from the policy at temperature 1, top-p 1. Best-of-N's KL is log n - (n-1)/n, an upper "
         "bound (Beirami et al. 2024), so its points may sit further right than they are.",
-        "- *Frontier*: per method, the checkpoints no other checkpoint of that method beats at lower or equal KL; "
-        f"two frontiers are compared by linear interpolation at {GRID} evenly spaced KLs of the overlap of their "
-        "KL ranges (no extrapolation); *above* means higher gold at every matched KL.",
+        "- *Frontier*: per method, the base policy (KL 0, where every method starts) and the checkpoints no other "
+        "checkpoint of that method beats at lower or equal KL; two frontiers are compared by linear interpolation at "
+        f"{GRID} evenly spaced KLs of the overlap of their KL ranges (no extrapolation; KL 0, where both equal the base, "
+        "left out); *above* means higher gold at every matched KL.",
         "- *Training wall time* and *peak RSS*: each training stage (and Best-of-N's sampling and selection) runs in "
         "its own child process, forked from a server that imported torch, transformers and dpokit once "
         "(`multiprocessing` forkserver; the parent's models are not in it); the wall time is the child's, from fork "

@@ -124,7 +124,7 @@ def test_method_rows() -> None:
 
 
 def _results() -> dict[str, Any]:
-    base = _p("base", "base", "base", 0.0, -0.1, 0.0)
+    base = _p("base", "base", "base", 0.0, 0.0, 0.0)
     settings = {"model": "m", "pairs": "p.jsonl", "n_prompts": 4, "eval_prompts": "e.jsonl", "seed": 0,
                 "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "runs": "DPO and PPO"}  # fmt: skip
     return {
@@ -141,14 +141,16 @@ def test_analysis_and_verdict_lines_are_computed_from_the_numbers() -> None:
     assert an["kl_budget"] == 2.0 and an["kl_budget_auto"]  # dpo's smallest KL; ppo and bon reach lower
     assert an["best_within_budget"]["ppo"]["gold"] == 0.1 and an["best"]["dpo"]["gold"] == 0.5
     by_pair = {(c["a"], c["b"]): c for c in an["comparisons"]}
-    # dpo frontier (2, .3) (4, .5); ppo (1, .1) (3, .2): overlap [2, 3], dpo .3 .325 .35 .375 .4 vs ppo .15 .. .2
+    # every frontier starts at the base (0, 0): dpo (0, 0) (2, .3) (4, .5); ppo (0, 0) (1, .1) (3, .2). Overlap [0, 3],
+    # the shared origin left out: KL .6 1.2 1.8 2.4 3: dpo .09 .18 .27 .34 .4, ppo .06 .11 .14 .17 .2
     assert by_pair["dpo", "ppo"]["verdict"] == "above"
-    assert by_pair["dpo", "ppo"]["diffs"] == pytest.approx([0.15, 0.1625, 0.175, 0.1875, 0.2])
-    assert by_pair["dpo", "bon"]["verdict"] == "not comparable"  # bon reaches 0.64 nats, dpo starts at 2
+    assert by_pair["dpo", "ppo"]["diffs"] == pytest.approx([0.03, 0.07, 0.13, 0.17, 0.2])
+    # bon (0, 0) (log 4 - .75 = .636, .15): slope .236 per nat against dpo's .15 over [0, .636]
+    assert by_pair["dpo", "bon"]["verdict"] == "below"
     text = "\n".join(R.verdict_lines(res))
     assert "held-out pair accuracy 0.750 on 120 pairs" in text
-    assert "DPO's frontier lies above PPO's over KL [2.00, 3.00] nats" in text and "mean +0.175" in text
-    assert "DPO vs Best-of-N: not comparable: KL ranges [2.00, 4.00] and [0.00, 0.64] nats do not overlap" in text
+    assert "DPO's frontier lies above PPO's over KL [0.00, 3.00] nats" in text and "mean +0.120" in text
+    assert "DPO's frontier lies below Best-of-N's over KL [0.00, 0.64] nats" in text
     assert "PPO: gold still rising" in text and "- KL budget 2.00 nats (the smallest within which" in text
     assert R.best_rows(res) == [
         ["DPO", "+0.300 (dpo-beta0.1 mid, KL 2.00)", "+0.500 (dpo-beta0.1 final, KL 4.00)"],
