@@ -332,9 +332,9 @@ def bon_command(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise DpokitError(f"--limit must be >= 1, got {args.limit}")
     from dpokit.config import Config
-    from dpokit.eval.generate_eval import SamplingSettings, _generation_config, load_candidate
+    from dpokit.eval.generate_eval import SamplingSettings, generation_config, load_candidate
 
-    cfg = _generation_config(Config())  # left-padded generation: sdpa, never the varlen kernel
+    cfg = generation_config(Config())  # left-padded generation: sdpa, never the varlen kernel
     reward = load_judge(args.reward, cfg, args.batch_size)
     judges = [load_judge(spec, cfg, args.batch_size) for spec in _specs(args.judges)]
     prompts = read_prompts(args.prompts)[: args.limit]

@@ -391,13 +391,13 @@ class Evaluator:
     prompts every model is measured with: the same sampling settings and seed for all."""
 
     def __init__(self, profile: Profile, settings: CompareSettings, reward_dir: Path) -> None:
-        from dpokit.apps.demo import _load_lora_model
+        from dpokit.apps.demo import load_lora_model
         from dpokit.data.files import read_prompts
         from dpokit.eval.generate_eval import SamplingSettings
         from dpokit.eval.judges import load_judge
 
         cfg = policy_config(profile)
-        self.model, self.tokenizer = _load_lora_model(profile.model, cfg)
+        self.model, self.tokenizer = load_lora_model(profile.model, cfg)
         self.prompts = read_prompts(settings.eval_prompts)[: profile.n_prompts]
         self.sampling = SamplingSettings(n=1, max_new_tokens=profile.max_new_tokens, temperature=settings.temperature,
                                          top_p=settings.top_p, seed=settings.seed, batch_size=profile.gen_batch_size,
@@ -422,20 +422,20 @@ class Evaluator:
 
     def run(self, stage: Stage, folder: Path) -> list[R.Point]:
         """Every saved checkpoint of a training stage (`Stage.eval_steps`) and its final model."""
-        from dpokit.apps.demo import _load_stage_weights
+        from dpokit.apps.demo import load_stage_weights
         from dpokit.training import checkpoint as ckpt
 
         points = []
         for step in stage.eval_steps():
             label = "final" if step == stage.steps else f"step {step}"
             if label == "final":  # the saved adapter, as `dpokit train` and `dpokit rl` write it
-                _load_stage_weights(self.model, folder, step, final=True)
+                load_stage_weights(self.model, folder, step, final=True)
             elif stage.kind == "rl":  # an RL checkpoint also holds the value model: take the policy part
                 from dpokit.rl.loop import load_policy_weights
 
                 load_policy_weights(self.model, folder / ckpt.CHECKPOINTS / ckpt.folder_name(step))
             else:
-                _load_stage_weights(self.model, folder, step, final=False)
+                load_stage_weights(self.model, folder, step, final=False)
             points.append(self.measure(stage, label, step))
         return points
 

@@ -113,7 +113,7 @@ def _subset_file(src: str, dst: Path, n: int) -> str:
     return str(dst)
 
 
-def _load_lora_model(base: str, cfg: Config) -> tuple[Any, Any]:
+def load_lora_model(base: str, cfg: Config) -> tuple[Any, Any]:
     """The base model wrapped with freshly initialised LoRA layers (weights are loaded per stage)."""
     from dpokit.models.loading import apply_lora, load_model_and_tokenizer, resolve_dtype
 
@@ -124,7 +124,7 @@ def _load_lora_model(base: str, cfg: Config) -> tuple[Any, Any]:
     return apply_lora(model, cfg), tokenizer
 
 
-def _load_stage_weights(model: Any, model_dir: Path, step: int, final: bool) -> None:
+def load_stage_weights(model: Any, model_dir: Path, step: int, final: bool) -> None:
     """Put the LoRA weights of the midpoint checkpoint or of the final adapter into ``model``."""
     from dpokit.training import checkpoint as ckpt
 
@@ -221,13 +221,13 @@ def run_demo(settings: DemoSettings, log: Any = print) -> DemoResult:
     steps, mid = cfg.train.max_steps, cfg.train.max_steps // 2
 
     t0 = time.perf_counter()
-    model, tokenizer = _load_lora_model(cfg.model.name_or_path, cfg)
+    model, tokenizer = load_lora_model(cfg.model.name_or_path, cfg)
     judges = [load_judge(settings.judge), load_judge(settings.second_judge)]
     log(f"[demo] sampling {len(prompts)} held-out prompts from the base model")
     stage, base = measure_stage("base", 0, model, tokenizer, prompts, settings, None, {}, judges)
     stages: list[StageResult] = [stage]
     for name, step, final in (("mid", mid, False), ("final", steps, True)):
-        _load_stage_weights(model, out / "model", step, final)
+        load_stage_weights(model, out / "model", step, final)
         log(f"[demo] sampling {len(prompts)} held-out prompts from the {name} model (step {step})")
         heldout = _eval_row(rows, step)
         stages.append(measure_stage(name, step, model, tokenizer, prompts, settings, base, heldout, judges)[0])

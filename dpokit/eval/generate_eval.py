@@ -190,7 +190,7 @@ def evaluate_prompts(
     from dpokit.data.files import read_prompts
 
     names = _check_settings(settings)
-    cfg = _generation_config(cfg or Config())
+    cfg = generation_config(cfg or Config())
     prompts = read_prompts(settings.prompts)[: settings.n_prompts]
     judges = [load_judge(j, cfg, settings.sampling.score_batch_size) for j in settings.judges]  # fail early
     base_name = settings.baseline or names[0]
@@ -231,7 +231,7 @@ def _check_settings(settings: PromptEvalSettings) -> list[str]:
     return names
 
 
-def _generation_config(cfg: Config) -> Config:
+def generation_config(cfg: Config) -> Config:
     """Left-padded prompts generate with plain SDPA and transformers' own masks, never dpokit's varlen."""
     if cfg.model.attn_implementation in ("auto", "varlen"):
         cfg = cfg.override(["model.attn_implementation=sdpa"])
@@ -242,11 +242,11 @@ def load_candidate(name: str, source: str, cfg: Config, baseline: Candidate | No
     """Load a model (an adapter folder on its base, whose reference is that base); a full model's
     reference is ``baseline`` (None: it is the baseline, its own reference), when the tokenizers agree."""
     from dpokit.dist import Dist
-    from dpokit.eval.pairs import _load_for_eval
+    from dpokit.eval.pairs import load_for_eval
     from dpokit.models.loading import resolve_dtype
 
     device = Dist.local().device
-    model, tokenizer, is_adapter = _load_for_eval(source, cfg, resolve_dtype(cfg.model.dtype, device))
+    model, tokenizer, is_adapter = load_for_eval(source, cfg, resolve_dtype(cfg.model.dtype, device))
     model.to(device).eval()
     if tokenizer.pad_token_id is None:  # the sampler pads prompts on the left
         tokenizer.pad_token = tokenizer.eos_token

@@ -46,7 +46,7 @@ def evaluate(
     objective.validate()
     dtype = resolve_dtype(cfg.model.dtype)
     dist = Dist.local()
-    policy, tokenizer, is_adapter = _load_for_eval(model, cfg, dtype)
+    policy, tokenizer, is_adapter = load_for_eval(model, cfg, dtype)
     if ref is not None:
         ref_model, _ = load_model_and_tokenizer(ref, cfg, dtype)
         reference = Reference("copy", model=ref_model.to(dist.device).eval())
@@ -74,7 +74,7 @@ def evaluate(
     return result
 
 
-def _load_for_eval(model: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any, bool]:
+def load_for_eval(model: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any, bool]:
     """(model, tokenizer, is_adapter). An adapter folder is loaded on top of its base model."""
     adapter_cfg = Path(model) / "adapter_config.json"
     if adapter_cfg.is_file():

@@ -146,11 +146,11 @@ def implicit_rewards(
     ({side: scores}, {"policy_<side>" / "ref_<side>": log-probs}). Rows that tokenization drops
     (data.max_length) are that row's error."""
     from dpokit.dist import Dist
-    from dpokit.eval.pairs import _load_for_eval
+    from dpokit.eval.pairs import load_for_eval
     from dpokit.models.loading import resolve_dtype
 
     dist = Dist.local()
-    policy, tokenizer, is_adapter = _load_for_eval(model, cfg, resolve_dtype(cfg.model.dtype))
+    policy, tokenizer, is_adapter = load_for_eval(model, cfg, resolve_dtype(cfg.model.dtype))
     reference = _reference(ref, policy if is_adapter else None, cfg, dist)
     policy.to(dist.device).eval()
     d = cfg.data

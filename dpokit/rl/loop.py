@@ -42,6 +42,7 @@ from torch import Tensor
 from dpokit.config import Config
 from dpokit.data.files import read_prompts
 from dpokit.errors import DpokitError
+from dpokit.eval.generate_eval import generation_config
 from dpokit.eval.judges import RowJudge, load_judge
 from dpokit.eval.sampling import generate_samples, render_prompt
 from dpokit.models.loading import load_policy, resolve_dtype, save_final
@@ -159,8 +160,7 @@ def _start(cfg: Config, out: Path, prompt_rows: list[str], log: Callable[[str], 
     """Models, reward, prompts, optimizer; the resume point; the logger and the progress bar."""
     torch.manual_seed(cfg.train.seed)  # LoRA init and a new value head: the same for the same seed
     dtype = resolve_dtype(cfg.model.dtype)
-    # generation needs transformers' own masks for left-padded prompts: plain SDPA, never varlen
-    gen_cfg = cfg.override(["model.attn_implementation=sdpa"]) if cfg.model.attn_implementation in ("auto", "varlen") else cfg
+    gen_cfg = generation_config(cfg)  # left-padded prompts need transformers' own masks: SDPA, never varlen
     policy, tokenizer = load_policy(gen_cfg, dtype)
     disable_dropout(policy)  # the rollout's and the update's log-probs must come from the same function
     if tokenizer.pad_token_id is None:

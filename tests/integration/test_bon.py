@@ -43,9 +43,9 @@ def always_fails(responses: list[str]) -> list[float]:
 @pytest.fixture(scope="module")
 def policy() -> Any:
     from dpokit.config import Config
-    from dpokit.eval.generate_eval import _generation_config, load_candidate
+    from dpokit.eval.generate_eval import generation_config, load_candidate
 
-    return load_candidate("policy", "tiny-random-llama", _generation_config(Config()), None)
+    return load_candidate("policy", "tiny-random-llama", generation_config(Config()), None)
 
 
 def test_run_bon_levels(policy: Any) -> None:

@@ -91,19 +91,19 @@ def test_demo_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
     # LoRA weights, and the demo's two loading paths must put exactly those into the model.
     import torch
 
-    from dpokit.apps.demo import _load_lora_model, _load_stage_weights
+    from dpokit.apps.demo import load_lora_model, load_stage_weights
     from dpokit.training import checkpoint as ckpt
 
     cfg = build_config(DemoSettings(config=str(PRESETS / "demo.yaml"), quick=True,
                                     overrides=["model.name_or_path=tiny-random-llama", "train.max_steps=4"]), out)  # fmt: skip
-    model, _ = _load_lora_model("tiny-random-llama", cfg)
+    model, _ = load_lora_model("tiny-random-llama", cfg)
     saved = ckpt.load_checkpoint(out / "model" / "checkpoints" / ckpt.folder_name(4)).weights
-    _load_stage_weights(model, out / "model", 4, final=True)
+    load_stage_weights(model, out / "model", 4, final=True)
     assert {n: p for n, p in model.named_parameters() if p.requires_grad}.keys() == saved.keys()
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), saved[name], msg=name)
-    _load_stage_weights(model, out / "model", 2, final=False)  # the midpoint differs from the end
+    load_stage_weights(model, out / "model", 2, final=False)  # the midpoint differs from the end
     assert any(not torch.equal(p.detach(), saved[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
