@@ -218,8 +218,9 @@ def _training_stage(sw: Sweep, value: Any, profile: Profile, out: Path, rm: Path
         overrides += [f"rl.algorithm={sw.method}", f"rl.reward=rm:{rm}", "rl.kl_target=null",
                       f"rl.prompts_per_step={per_step}", f"rl.samples_per_prompt={1 if sw.method == 'ppo' else 2}",
                       f"rl.max_new_tokens={profile.rl_max_new_tokens}", "train.log_every=1",
-                      # on this 2-core CPU (busy with other jobs) a PPO step took 42 s in fp32, 81-390 s under the
-                      # bf16 autocast rl-reviews sets (generation alone ran at 13 instead of 93 tokens/s)
+                      # fp32, as docs/rlhf-vs-dpo.md was measured: sampling then still ran under the bf16 autocast
+                      # (13 instead of 93 tokens/s). It no longer does, and bf16 is now 1.6x faster per PPO step
+                      # (30 vs 48 s, 3 steps of rl-reviews); drop this when the doc is next regenerated
                       "train.mixed_precision=no"]  # fmt: skip
     setting = f"{short}={_value_tag(value)}" if sw.key else "chosen"
     return Stage(name, sw.method, kind, setting, seed, preset, overrides, sw.models_in_memory, steps,
