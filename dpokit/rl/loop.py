@@ -57,6 +57,7 @@ from dpokit.rl.rollout import (
     response_values,
     token_stats,
 )
+from dpokit.training import card as cards
 from dpokit.training import checkpoint as ckpt
 from dpokit.training import metrics as M
 from dpokit.training import outputs
@@ -511,11 +512,12 @@ def _finish(run: _Run, state: RLState, seconds: float) -> RLResult:
     run.logger.close()
     run.optimizer.state.clear()  # free the optimizer state before the save copies the weights
     written = save_final(run.model.policy, run.tokenizer, run.cfg, run.out)
-    outputs.mark_complete(run.out, run.steps, written)
     last = {}
     rows = (run.out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     if rows:
         last = json.loads(rows[-1])
+    cards.write_cards(written, cards.run_facts(run.cfg, run.steps, last, objective="rl"))
+    outputs.mark_complete(run.out, run.steps, written)  # last: only now does the folder hold a finished run
     return RLResult(run.out, run.steps, None, seconds, last)
 
 

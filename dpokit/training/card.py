@@ -37,12 +37,14 @@ ALIAS_ORIGINS: dict[str, tuple[str, str]] = {
 
 CardKind = Literal["model", "adapter", "merged"]
 # Per objective (RunFacts.objective): its Hub tags and the command that trains it (default: its name).
-_OBJECTIVE_TAGS: dict[str, list[str]] = {"dpo": ["dpo"], "reward": ["reward-model", "reward"]}
+_OBJECTIVE_TAGS: dict[str, list[str]] = {"dpo": ["dpo"], "reward": ["reward-model", "reward"], "rl": ["rlhf"]}
 _COMMANDS: dict[str, str] = {"dpo": "train"}
 # Config sections an objective does not read: left out of its card's reproduce config (defaults then apply).
-_UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {"sft": ("loss", "reference", "reward")}
+_UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {"sft": ("loss", "reference", "reward"),
+                                                 "rl": ("data", "loss", "reference", "reward")}
 # Bookkeeping fields of a training row: not results, so not in the card's metrics table.
-_NOT_RESULTS = {"step", "lr", "tokens_per_sec", "epoch", "skipped_steps", "warnings"}
+_NOT_RESULTS = {"step", "lr", "tokens_per_sec", "epoch", "skipped_steps", "warnings", "rollout_tokens_per_sec",
+                "train_tokens_per_sec", "time/rollout", "time/update", "time/step", "finite_updates"}
 
 
 @dataclass
@@ -94,10 +96,11 @@ def run_facts(
     """The facts of a finished run. `summaries`: split ("train", "eval") -> the objective's data
     summary (`data.pairs.DataSummary` for DPO; read by attribute, missing ones are left out)."""
     summaries = summaries or {}
-    eval_files = list(cfg.data.eval_files)
+    rl = objective == "rl"  # `dpokit rl` reads prompts (rl.prompt_files), not data.*
+    eval_files = [] if rl else list(cfg.data.eval_files)
     return RunFacts(
         base_model=cfg.model.name_or_path, config=cfg.to_dict(), steps=steps,
-        train_data=_data_facts(cfg.data.train_files, summaries.get("train")),
+        train_data=_data_facts(cfg.rl.prompt_files if rl else cfg.data.train_files, summaries.get("train")),
         eval_data=_data_facts(eval_files, summaries.get("eval")) if eval_files else None,
         train_metrics=dict(train_metrics or {}), eval_metrics=dict(eval_metrics or {}), objective=objective or "dpo",
     )  # fmt: skip
@@ -182,6 +185,13 @@ _REWARD_WHAT = {"adapter": "The LoRA adapter (score head included) of a reward m
                 "merged": "A reward model (LoRA adapter merged into its base)", "model": "A reward model"}  # fmt: skip
 
 
+def _method(facts: RunFacts) -> str:
+    """How the card names the training method: the objective, or for `dpokit rl` its algorithm."""
+    if facts.objective == "rl":
+        return f"{str(facts.config.get('rl', {}).get('algorithm', 'rl')).upper()} (RLHF)"
+    return facts.objective.upper()
+
+
 def _title(facts: RunFacts, kind: CardKind) -> list[str]:
     name = Path(str(facts.config.get("train", {}).get("output_dir", "model"))).name or "model"
     what = _WHAT[kind]
@@ -198,7 +208,7 @@ def _title(facts: RunFacts, kind: CardKind) -> list[str]:
     return [
         f"# {name}" + (" (merged)" if kind == "merged" else ""),
         "",
-        f"{what} trained with {facts.objective.upper()} by dpokit {facts.dpokit_version}, "
+        f"{what} trained with {_method(facts)} by dpokit {facts.dpokit_version}, "
         f"from `{portable(facts.base_model)}`.",
         "",
     ]
@@ -258,7 +268,7 @@ def _data_lines(label: str, data: DataFacts) -> list[str]:
 
 
 def _data_section(facts: RunFacts) -> list[str]:
-    lines = ["## Data", "", *_data_lines("training", facts.train_data)]
+    lines = ["## Data", "", *_data_lines("prompts" if facts.objective == "rl" else "training", facts.train_data)]
     if facts.eval_data is not None:
         lines += _data_lines("evaluation", facts.eval_data)
     return [*lines, ""]
@@ -291,6 +301,13 @@ def _objective_section(facts: RunFacts, kind: CardKind) -> list[str]:
         settings = _settings_table("reward", c.get("reward", {}))
     elif facts.objective == "sft":  # no preference loss, no reference: NLL of the completion tokens
         head, settings = _sft_objective(c.get("data", {}))
+    elif facts.objective == "rl":  # RL steps, each several optimizer steps on one rollout batch
+        r = c.get("rl", {})
+        head = (f"{str(r.get('algorithm')).upper()} against the reward `{portable(r.get('reward'))}`, KL penalty "
+                f"{_fmt(r.get('kl_coef'))} x {r.get('kl_estimator')} to the starting policy; ")  # fmt: skip
+        steps = (f"{facts.steps} RL steps of {r.get('prompts_per_step')} prompts (each {r.get('ppo_epochs')} x "
+                 f"{r.get('num_minibatches')} optimizer steps), learning rate {_fmt(t.get('lr'))}.")  # fmt: skip
+        settings = _settings_table("rl", r)
     else:
         head = f"{facts.objective.upper()}, loss `{c.get('loss', {}).get('type')}`, beta {_fmt(c.get('loss', {}).get('beta'))}; "
         settings = [*_settings_table("loss", c.get("loss", {})), *_settings_table("reference", c.get("reference", {}))]

@@ -176,3 +176,12 @@ def test_a_reward_model_with_another_tokenizer(tiny_model_dir: Path, tmp_path: P
     assert "KL estimator k1 x coefficient 0.01 (fixed)" in log
     with pytest.raises(DpokitError, match="rl.value_model=reward: the reward model .* has another tokenizer"):
         train_rl(_cfg(tiny_model_dir, tmp_path / "b", *common[:2], "rl.value_model=reward"))
+
+
+def test_the_output_has_a_model_card(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    train_rl(_cfg(tiny_model_dir, out, "rl.algorithm=rloo", "rl.prompts_per_step=2", "train.max_steps=1"))
+    card = (out / "README.md").read_text()
+    assert "trained with RLOO (RLHF) by dpokit" in card and "- prompts: `builtin:toy/train.jsonl`" in card
+    assert "| `rl.algorithm` | `rloo` |" in card and "dpokit rl config.yaml" in card
+    assert "tags:\n- rlhf\n- dpokit" in card and "time/step" not in card
