@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -126,6 +127,12 @@ class _Run:
 def train_rl(cfg: Config, log: Callable[[str], Any] = print) -> RLResult:
     """Run `dpokit rl` with ``cfg`` (rl.* for the algorithm, train.* for steps, lr, batches, output)."""
     cfg.validate()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate launch
+    if world > 1:
+        raise DpokitError(f"dpokit rl runs in one process, and this one is 1 of {world} (WORLD_SIZE={world}): "
+                          "launch it without torchrun / accelerate launch. Multi-process RL would need the rollouts "
+                          "sharded over ranks, the advantage whitening reduced across them and the policy and value "
+                          "model wrapped for DDP/FSDP")  # fmt: skip
     out = Path(cfg.train.output_dir)
     done = outputs.read_completion(out)
     if done is not None and ckpt.resume_mode(cfg.train.resume) == "auto":

@@ -185,3 +185,10 @@ def test_the_output_has_a_model_card(tiny_model_dir: Path, tmp_path: Path) -> No
     assert "trained with RLOO (RLHF) by dpokit" in card and "- prompts: `builtin:toy/train.jsonl`" in card
     assert "| `rl.algorithm` | `rloo` |" in card and "dpokit rl config.yaml" in card
     assert "tags:\n- rlhf\n- dpokit" in card and "time/step" not in card
+
+
+def test_several_processes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DpokitError, match="dpokit rl runs in one process, and this one is 1 of 2"):
+        train_rl(Config.from_preset("rl-tiny").override([f"train.output_dir={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out").exists()
