@@ -73,13 +73,20 @@ def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype)
     return model, tokenizer
 
 
-def load_policy(cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
-    """The trainable model (LoRA-wrapped when enabled) and its tokenizer."""
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cfg, dtype)
-    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+def prepare_for_training(model: Any, cfg: Config) -> None:
+    """Before wrapping with LoRA: no KV cache (useless in training, costs memory) and, with
+    train.gradient_checkpointing, activations recomputed in backward (inputs then need grads for
+    checkpointed segments to see a gradient when the embeddings are frozen, as under LoRA)."""
+    model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+
+
+def load_policy(cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The trainable model (LoRA-wrapped when enabled) and its tokenizer."""
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cfg, dtype)
+    prepare_for_training(model, cfg)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     return model, tokenizer

@@ -137,10 +137,7 @@ def load_reward_base(cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
     tokenizer = sources.load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
     model = _load_seq_cls(source, cfg, dtype, tokenizer.pad_token_id)
     model.name_or_path = loading.base_reference(source)  # what a LoRA adapter records as its base
-    model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    loading.prepare_for_training(model, cfg)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg)
     disable_dropout(model)
@@ -215,11 +212,8 @@ def load_value_model(cfg: Config, dtype: torch.dtype, reward_path: str | None) -
     model, tokenizer = load_reward_model(reward_path, cfg, dtype)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.config.use_cache = False
     model.train()
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    loading.prepare_for_training(model, cfg)
     if cfg.lora.enabled:
         model = _apply_lora(model, cfg)
     disable_dropout(model)
