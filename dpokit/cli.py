@@ -62,17 +62,14 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
             f"--preset NAME (one of: {', '.join(resources.presets())}), or a preset and a YAML file over it; "
             f"e.g. `dpokit {command} --preset {example_preset} train.lr=1e-5`"
         )
-    from dpokit.objectives.reward import RewardObjective
-    from dpokit.objectives.sft import SFTObjective
     from dpokit.rl.loop import train_rl
-    from dpokit.training.loop import train
+    from dpokit.training.loop import OBJECTIVES, train
 
     cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
-    objective = {"sft": SFTObjective, "reward": RewardObjective}.get(command)
     if command == "rl":  # RL reuses the training pieces, not the training loop (dpokit.rl.loop)
         result: Any = train_rl(cfg)
     else:
-        result = train(cfg, objective=objective(cfg)) if objective else train(cfg)
+        result = train(cfg, objective=OBJECTIVES[{"train": "dpo"}.get(command, command)](cfg))
     if result.already_complete:  # train.resume=auto on a finished run: the message was printed
         return 0
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on

@@ -253,19 +253,9 @@ def run_worker(spec_path: str) -> int:
         from dpokit.rl.loop import train_rl
 
         return 1 if train_rl(cfg).stopped_by else 0
-    from dpokit.training.loop import train
+    from dpokit.training.loop import OBJECTIVES, train
 
-    return 1 if train(cfg, objective=_objective(spec["kind"], cfg)).stopped_by else 0
-
-
-def _objective(kind: str, cfg: Config) -> Any:
-    """The objective of `dpokit reward` / `dpokit sft`; None = the loop's default, DPO. (cli.py picks
-    them the same way; the mapping lives there, inside `_training_command`.)"""
-    from dpokit.objectives.reward import RewardObjective
-    from dpokit.objectives.sft import SFTObjective
-
-    cls = {"reward": RewardObjective, "sft": SFTObjective}.get(kind)
-    return cls(cfg) if cls else None
+    return 1 if train(cfg, objective=OBJECTIVES[spec["kind"]](cfg)).stopped_by else 0
 
 
 def _bon_worker(spec: dict[str, Any], cfg: Config) -> int:
