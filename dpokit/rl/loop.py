@@ -283,7 +283,9 @@ def _step(run: _Run, state: RLState, step: int) -> None:
     t_roll = time.perf_counter() - t0
     state.bad_rewards += int((~valid).sum())
     t1 = time.perf_counter()
-    upd = _update(run, batch, stats, adv, step) if bool(adv.train_mask.any()) else {"finite_updates": 0.0}
+    updated = bool(adv.train_mask.any())  # False: every reward failed, nothing to learn from
+    upd = _update(run, batch, stats, adv, step) if updated else {"finite_updates": 0.0}
+    train_tokens = float(batch.attention_mask.sum()) * rl.ppo_epochs if updated else 0.0  # rows seen by the update
     t_upd = time.perf_counter() - t1
     run.kl.update(adv.metrics["objective/kl"], len(samples))
     good = upd["finite_updates"] > 0
@@ -296,9 +298,8 @@ def _step(run: _Run, state: RLState, step: int) -> None:
     gen_tokens = float(batch.mask.sum())
     row = {**adv.metrics, **upd, "objective/kl_coef": run.kl.value, "bad_rewards": float((~valid).sum()),
            "lr": run.scheduler.get_last_lr()[0], "rollout_tokens_per_sec": gen_tokens / max(t_gen, 1e-9),
-           "train_tokens_per_sec": upd.get("tokens", 0.0) / max(t_upd, 1e-9), "time/rollout": t_roll,
+           "train_tokens_per_sec": train_tokens / max(t_upd, 1e-9), "time/rollout": t_roll,
            "time/update": t_upd, "time/step": time.perf_counter() - t0}  # fmt: skip
-    row.pop("tokens", None)
     state.step = step
     state.pending.append(row)
     if step % cfg.train.log_every == 0 or step == run.steps:
@@ -409,7 +410,6 @@ def _update(run: _Run, batch: RolloutBatch, stats: TokenStats, adv: Advantages, 
         out["value/explained_variance"] = L.explained_variance(stats.values, adv.returns, adv.train_mask)  # type: ignore[arg-type]
     out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
     out["finite_updates"] = float(finite_updates)
-    out["tokens"] = float(batch.attention_mask.sum()) * rl.ppo_epochs
     return out
 
 
