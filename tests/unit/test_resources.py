@@ -172,7 +172,8 @@ def test_cli_train_stopped_names_the_preset_in_the_resume_command(
 
     seen: list[Config] = []
 
-    def fake_train(cfg: Config) -> loop.TrainResult:
+    def fake_train(cfg: Config, objective: object = None) -> loop.TrainResult:
+        assert objective is None or type(objective).__name__ == "DPOObjective"  # `dpokit train` is DPO
         seen.append(cfg)
         return loop.TrainResult(output_dir=cfg.train.output_dir, steps=3, stopped_by=15, checkpoint="ckpt")
 
