@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.dpokit-installed
 # torch is pinned to the CPU build that pip finds locally; an unpinned torch pulls a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo tiny test test-all lint bench clean
+.PHONY: setup demo tiny test test-all lint bench deepspeed clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+
+# DeepSpeed, the optional extra behind --accelerate-config zero2 | zero3. --no-build-isolation: build
+# isolation would pull a CUDA torch (multi-GB) into the build environment; this builds against .venv's torch.
+deepspeed: setup
+	$(BIN)/pip install --no-build-isolation deepspeed
 
 bench: setup
 	$(BIN)/python bench/compare.py

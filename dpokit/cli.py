@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dpokit import resources
+from dpokit import launch, resources
 from dpokit.config import Config, trl_hint
 from dpokit.errors import ConfigError, DpokitError
 
@@ -53,7 +53,9 @@ def _validated(cfg: Config, path: str | None, overrides: list[str], preset: str 
 
 def _training_command(args: argparse.Namespace, command: str, example_preset: str, what: str) -> int:
     """The body of `dpokit train | sft | reward`: the config from preset, file and overrides; training
-    with the command's objective; then how it ended (done, stopped by a signal, already complete)."""
+    with the command's objective; then how it ended (done, stopped by a signal, already complete).
+    With --num-processes N > 1 it re-runs itself under `accelerate launch` (dpokit.launch) once the
+    config is known to be valid, so that a config error is reported once, not by every worker."""
     config, overrides = _split_config_arg(args.config, args.overrides)
     if config is None and args.preset is None:
         misplaced = f" (`{overrides[0]}` is an override, not a config file: overrides come after it)" if overrides else ""
@@ -62,10 +64,11 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
             f"--preset NAME (one of: {', '.join(resources.presets())}), or a preset and a YAML file over it; "
             f"e.g. `dpokit {command} --preset {example_preset} train.lr=1e-5`"
         )
+    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
+    launch.maybe_relaunch(command, args.argv, args.num_processes, args.accelerate_config)
     from dpokit.rl.loop import train_rl
     from dpokit.training.loop import OBJECTIVES, train
 
-    cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
     if command == "rl":  # RL reuses the training pieces, not the training loop (dpokit.rl.loop)
         result: Any = train_rl(cfg)
     else:
@@ -75,10 +78,12 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
         again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
         base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
-        again_cmd = shlex.join(["dpokit", command, *base, *again])
-        print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {again_cmd}", file=sys.stderr)
+        again_cmd = shlex.join(["dpokit", command, *launch.launch_flags(), *base, *again])
+        if launch.is_main_process():
+            print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {again_cmd}", file=sys.stderr)
         return 128 + result.stopped_by  # the shell's code for death by that signal: the run is not finished
-    print(f"done: {what.format(steps=result.steps)}; outputs in {result.output_dir}")
+    if launch.is_main_process():  # one line for the run, not one per process
+        print(f"done: {what.format(steps=result.steps)}; outputs in {result.output_dir}")
     return 0
 
 
@@ -272,10 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
          "rl.algorithm=rloo rl.kl_coef=0.1"),
     ):  # fmt: skip
         t = sub.add_parser(name, help=what)
+        t.intermixed = True  # `dpokit train my.yaml --num-processes 8 train.lr=1e-5`: options among the overrides
         t.add_argument("--preset", metavar="NAME", default=None,
                        help=f"start from a shipped config ({names}); a CONFIG file then sets only the keys it names")  # fmt: skip
         t.add_argument("config", nargs="?", default=None, help="YAML config (see `dpokit config`); optional with --preset")
         t.add_argument("overrides", nargs="*", help=f"section.key=value overrides, e.g. {example}")
+        _add_launch_arguments(t, name)
         t.set_defaults(func=func)
 
     e = sub.add_parser("evaluate", help="DPO metrics over a preference file (--data), or judged generation (--prompts)")
@@ -313,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_launch_arguments(t: argparse.ArgumentParser, command: str) -> None:
+    """--num-processes / --accelerate-config of the training commands (dpokit.launch)."""
+    one = " (dpokit rl: 1 only)" if command == "rl" else ""
+    t.add_argument(launch.NUM_PROCESSES_FLAG, type=int, default=1, metavar="N",
+                   help=f"train in N processes (GPUs) through `accelerate launch`; default 1{one}")  # fmt: skip
+    t.add_argument(launch.ACCELERATE_CONFIG_FLAG, default=launch.DEFAULT_ACCELERATE_CONFIG, metavar="NAME|PATH",
+                   help=f"with --num-processes > 1: a shipped Accelerate config ({', '.join(resources.accelerate_configs())}; "
+                   f"default {launch.DEFAULT_ACCELERATE_CONFIG}) or your own YAML")  # fmt: skip
+
+
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
     from dpokit.apps import bon, compare, demo, pairs
@@ -334,7 +351,20 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, plus a "did you mean train.lr" hint when a refused option is a TRL argument name."""
+    """argparse, plus a "did you mean train.lr" hint when a refused option is a TRL argument name, and
+    with `intermixed` set, options anywhere among the positionals (plain argparse takes no positional
+    after an option that follows the first one: `CONFIG --num-processes 2 key=value` would fail)."""
+
+    intermixed = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not self.intermixed:
+            return super().parse_known_args(args, namespace)
+        self.intermixed = False  # parse_known_intermixed_args calls parse_known_args itself (Python < 3.13)
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self.intermixed = True
 
     def error(self, message: str) -> NoReturn:
         if "unrecognized arguments" in message:
@@ -350,9 +380,11 @@ def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _pop_debug(given)
     debug = debug or os.environ.get("DPOKIT_DEBUG") == "1"
     args = build_parser().parse_args(argv)
+    args.argv = given  # as given: `--num-processes N` re-runs the command with these (dpokit.launch)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)

@@ -9,12 +9,15 @@ branch on Accelerate themselves. A single-process run uses `Dist.local()`; a run
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from dpokit.errors import DpokitError
 
 
 @dataclass
@@ -55,6 +58,49 @@ class Dist:
         """The run's mixed-precision context (a no-op without an accelerator)."""
         return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
+    @property
+    def strategy(self) -> str:
+        """'single', 'ddp', 'fsdp' or 'deepspeed' (see `strategy`)."""
+        return strategy(self.accelerator)
+
+    @property
+    def sharded(self) -> bool:
+        """Are the model's parameters split over processes (FSDP, DeepSpeed)? Then every forward is
+        collective: all processes must run the same number of them."""
+        return self.strategy in ("fsdp", "deepspeed")
+
+    def full_model(self, model: Any) -> Any:
+        """The trained module with whole, plain weights on the main process, for saving; None on
+        the others. Under FSDP/DeepSpeed every process must call it: the shards are gathered onto
+        the main process's CPU and put in place of the sharded parameters (the module is only
+        saved afterwards, never run)."""
+        acc = self.accelerator
+        module = acc.unwrap_model(model) if acc is not None else model
+        if self.strategy in ("single", "ddp"):
+            return module if self.is_main else None
+        full = acc.get_state_dict(model)  # collective; the whole state on the main process
+        if not self.is_main:
+            return None
+        # Not load_state_dict: FSDP2's load hook would re-shard what it is given.
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, value in full.items():
+            if name in params:
+                owner, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
+        return module
+
+    def place_frozen(self, model: Any) -> Any:
+        """A frozen model (DPO's reference copy) placed like the policy, in evaluation mode: sharded
+        the same way under FSDP (each process holds its shards, gathered layer by layer in the
+        forward), on this process's device otherwise (DDP: one copy per process; nothing to sync)."""
+        if self.strategy == "fsdp":
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            model = fsdp2_prepare_model(self.accelerator, model)
+        else:
+            model.to(self.device)
+        return model.eval()
+
     def print(self, message: str) -> None:
         """Print on the main process only."""
         if self.is_main:
@@ -74,17 +120,69 @@ class Dist:
             self.barrier()
 
 
-def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
-    """An Accelerator for this run, also when an earlier run in this process used another precision.
+def local_value(tensor: Tensor) -> Tensor:
+    """A plain tensor of the full value: a DTensor (FSDP2's parameters, norms) is gathered; a
+    plain tensor is returned as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
 
-    Accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator with
-    a different `mixed_precision` (a notebook that trains twice, or the test suite). The process
-    group (PartialState) is kept; only the per-run settings are dropped.
+
+def launched_world() -> int:
+    """The number of processes the launcher (torchrun, `accelerate launch`) started: WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
+    """An Accelerator for this run: every launched process in one process group, FSDP when the
+    launcher asked for it, and a fresh one when an earlier run in this process used another precision.
+
+    * Without CUDA, Accelerate joins launched processes into a gloo group only when told `cpu=True`;
+      otherwise each would train alone and all would write the same folder. So `cpu=True` is passed
+      when WORLD_SIZE > 1 and there is no GPU, and a process that still finds itself alone fails.
+    * Accelerate applies FSDP on accelerators only; on CPU (gloo: this project's tests) it would
+      silently fall back to DDP. FSDP2's `fully_shard` runs on CPU, so the state Accelerate sets on
+      a GPU is set here: the same `fsdp2_prepare_model` path as on a GPU.
+    * Accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator with
+      a different `mixed_precision` (a notebook that trains twice, or the test suite). The process
+      group (PartialState) is kept; only the per-run settings are dropped.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
 
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+    world = launched_world()
+    cpu_group = world > 1 and not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu_group or kwargs.pop("cpu", False), **kwargs)
+    if acc.num_processes != world:
+        raise DpokitError(
+            f"this process was launched as 1 of {world} (WORLD_SIZE={world}) but joined a group of "
+            f"{acc.num_processes}; launch with `dpokit train ... --num-processes {world}`, "
+            "`accelerate launch` or `torchrun`"
+        )
+    plugin = getattr(acc.state, "fsdp_plugin", None) or _env_fsdp_plugin()
+    if cpu_group and plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
+        if plugin.fsdp_version != 2:
+            raise DpokitError("FSDP on CPU needs FSDP2 (fsdp_version: 2 in the Accelerate config)")
+        acc.state.fsdp_plugin = plugin
+        # both singletons, as Accelerate's own GPU branch does (AcceleratorState re-reads PartialState)
+        acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return acc
+
+
+def _env_fsdp_plugin() -> Any:
+    """The FSDP plugin `accelerate launch` describes in ACCELERATE_USE_FSDP / FSDP_* variables, or None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
+
+
+def strategy(accelerator: Any) -> str:
+    """'single', 'ddp', 'fsdp' or 'deepspeed': how the run's model is spread over processes."""
+    if accelerator is None or accelerator.num_processes == 1 and accelerator.distributed_type.name == "NO":
+        return "single"
+    return {"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(accelerator.distributed_type.name, "ddp")

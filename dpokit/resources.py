@@ -1,11 +1,13 @@
 """Files that ship inside the package, resolved by package rather than by the working directory.
 
-Two kinds, so that `dpokit train --preset lora` and the default `data.train_files` work from any
+Three kinds, so that `dpokit train --preset lora` and the default `data.train_files` work from any
 folder once the wheel is installed:
 
-    presets   named training configs, ``dpokit/assets/presets/<name>.yaml`` (`preset_path`)
-    data      example data, written ``builtin:<path>`` in configs (`resolve_builtin`), e.g.
-              ``builtin:toy/train.jsonl`` = ``dpokit/assets/data/toy/train.jsonl``
+    presets     named training configs, ``dpokit/assets/presets/<name>.yaml`` (`preset_path`)
+    data        example data, written ``builtin:<path>`` in configs (`resolve_builtin`), e.g.
+                ``builtin:toy/train.jsonl`` = ``dpokit/assets/data/toy/train.jsonl``
+    accelerate  Accelerate launch configs (ddp, fsdp, zero2, zero3),
+                ``dpokit/assets/accelerate/<name>.yaml`` (`accelerate_config_path`)
 
 Imports the standard library only.
 """
@@ -36,6 +38,26 @@ def preset_path(name: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no preset named {name!r}; the presets are: {', '.join(presets())}")
     return path
+
+
+def accelerate_configs() -> list[str]:
+    """Names of the shipped Accelerate configs (`dpokit train --num-processes N --accelerate-config NAME`)."""
+    return sorted(p.stem for p in (_assets() / "accelerate").glob("*.yaml"))
+
+
+def accelerate_config_path(name_or_path: str) -> Path:
+    """A shipped Accelerate config by name (``fsdp``), or the user's own config file by path; a
+    ConfigError lists the names when it is neither."""
+    shipped = _assets() / "accelerate" / f"{name_or_path}.yaml"
+    if Path(name_or_path).name == name_or_path and shipped.is_file():  # a bare name, not a path
+        return shipped
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.resolve()
+    raise ConfigError(
+        f"no Accelerate config named {name_or_path!r} and no such file; the shipped configs are: "
+        f"{', '.join(accelerate_configs())} (or give the path of your own `accelerate config` YAML)"
+    )
 
 
 def is_builtin(spec: str) -> bool:

@@ -17,9 +17,11 @@ from dpokit.errors import DpokitError
 class ExampleStream:
     """An endless, seeded stream of micro-batches over `examples`, epoch after epoch.
 
-    Each micro-batch takes the next `micro_batch_size * world_size` indices of the current
-    epoch's order and keeps this rank's slice, so every rank sees distinct examples and the
-    position is one integer (`consumed`), which makes resuming exact.
+    Each micro-batch takes the next `micro_batch_size * world_size` indices of the epoch orders
+    laid end to end and keeps this rank's slice, so every rank sees distinct examples, no example
+    is dropped at an epoch's end, and the position is one integer (`consumed`), which makes
+    resuming exact. One process with micro_batch_size m*N sees, in each micro-batch, exactly the
+    examples N processes with micro_batch_size m see together.
 
     The epoch's order is a pure function of (seed, epoch): a permutation, and with
     `group_by_length` that permutation regrouped (`_group_by_length`) so that the examples of one
@@ -53,16 +55,17 @@ class ExampleStream:
         self.group_by_length, self.accum = group_by_length, grad_accum_steps
         self.consumed = 0  # global micro-batches taken so far
         self.lengths = list(lengths)  # padded length of each example's rows (what grouping sorts by)
-        self._cached: tuple[int, list[int]] | None = None  # (epoch, order): not rebuilt per micro-batch
+        self._cached: dict[int, list[int]] = {}  # epoch -> order: not rebuilt per micro-batch
 
     def _order(self, epoch: int) -> list[int]:
-        if self._cached is not None and self._cached[0] == epoch:
-            return self._cached[1]
+        if epoch in self._cached:
+            return self._cached[epoch]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.examples), generator=g).tolist()
         if self.group_by_length:
             order = self._group_by_length(order, g)
-        self._cached = (epoch, order)
+        self._cached = {e: o for e, o in self._cached.items() if e == epoch - 1}  # a batch spans two epochs at most
+        self._cached[epoch] = order
         return order
 
     def _group_by_length(self, order: list[int], g: torch.Generator) -> list[int]:
@@ -84,14 +87,20 @@ class ExampleStream:
         return [i for u in shuffled for i in units[u]] + order[n_units * unit :]
 
     def __iter__(self) -> Iterator[list[Any]]:
+        """Global micro-batch c is positions [c*G, (c+1)*G) of the epochs' orders laid end to end
+        (G = micro_batch_size x world); this rank keeps its slice. Nothing is dropped: an epoch's
+        last examples share a micro-batch with the next epoch's first ones, so every micro-batch
+        has the same size on every rank (which is what makes N processes equal one)."""
         per_global = self.mbs * self.world
-        per_epoch = len(self.examples) // per_global  # the ragged tail of an epoch is skipped
         while True:
-            epoch, pos = divmod(self.consumed, per_epoch)
-            order = self._order(epoch)
-            start = pos * per_global + self.rank * self.mbs
+            start = self.consumed * per_global + self.rank * self.mbs
             self.consumed += 1
-            yield [self.examples[i] for i in order[start : start + self.mbs]]
+            yield [self.examples[self._at(i)] for i in range(start, start + self.mbs)]
+
+    def _at(self, position: int) -> int:
+        """The example at `position` of the endless sequence of epoch orders."""
+        epoch, i = divmod(position, len(self.examples))
+        return self._order(epoch)[i]
 
     def epoch_progress(self) -> float:
         return self.consumed * self.mbs * self.world / len(self.examples)

@@ -34,20 +34,48 @@ class PolicyLogps:
     rejected_lengths: Tensor  # (B,)
 
 
-def lm_head_parts(model: Any) -> tuple[Any, Tensor, Tensor | None] | None:
-    """(decoder, lm_head weight, bias) when the chunked head is exact for this model, else None.
+def _is_wrapped(model: Any) -> bool:
+    """A DDP wrapper or an FSDP2-sharded module: its own forward must run (DDP prepares the
+    gradient all-reduce there, FSDP gathers the parameter shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule))
+
+
+def lm_head_parts(model: Any) -> tuple[Any, torch.nn.Linear] | None:
+    """(decoder, lm_head) when the chunked head is exact for this model, else None.
 
     The chunked path skips `model.forward`'s final projection, so it is only used when that
     projection is a plain Linear with no logit scaling or soft-capping.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     conf = getattr(base, "config", None)
     scaled = any(getattr(conf, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))
     if type(head) is not torch.nn.Linear or decoder is None or scaled:
         return None
-    return decoder, head.weight, head.bias
+    return decoder, head
+
+
+def final_hidden(model: Any, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """(last hidden states after the final norm, lm_head weight, bias) for the chunked head, or None
+    when the head is not a plain Linear (the caller then takes the logits).
+
+    A plain model runs only its decoder. A DDP / FSDP model runs its whole forward (see
+    `_is_wrapped`) keeping the logits of one position and returning the hidden states; the head's
+    weight is read after that forward, when FSDP has gathered it.
+    """
+    parts = lm_head_parts(model)
+    if parts is None:
+        return None
+    decoder, head = parts
+    if _is_wrapped(model):
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    else:
+        hidden = decoder(**inputs).last_hidden_state
+    return hidden, head.weight, head.bias
 
 
 def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int = LM_HEAD_CHUNK) -> PolicyLogps:
@@ -67,10 +95,9 @@ def concatenated_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int 
     # kernel (flash on CUDA and CPU) instead of the masked one, which on CPU materialises the (T, T)
     # attention of every head and layer (measured: faster, and peak memory well down).
     inputs = {"input_ids": input_ids, "use_cache": False}
-    parts = lm_head_parts(model) if lm_head_chunk > 0 else None
-    if parts is not None:
-        decoder, weight, bias = parts
-        hidden = decoder(**inputs).last_hidden_state  # (2B, T, H)
+    head = final_hidden(model, inputs) if lm_head_chunk > 0 else None
+    if head is not None:
+        hidden, weight, bias = head  # (2B, T, H)
         logps, lengths = chunked_lm_head_logps(hidden, weight, input_ids, completion_mask, lm_head_chunk, bias)
     else:
         logits = model(**inputs).logits  # (2B, T, V)
@@ -121,10 +148,10 @@ def _packed_logps(model: Any, batch: dict[str, Tensor], lm_head_chunk: int) -> P
     b = batch["pair_index"].shape[0]
     r, t = batch["input_ids"].shape
     inputs = packed_model_inputs(model, batch)
-    parts = lm_head_parts(model) if lm_head_chunk > 0 else None
-    if parts is not None:
-        decoder, weight, bias = parts
-        hidden = decoder(**inputs).last_hidden_state.reshape(r, t, -1)  # (R, T, H) (un-flattened for flash)
+    head = final_hidden(model, inputs) if lm_head_chunk > 0 else None
+    if head is not None:
+        hidden, weight, bias = head
+        hidden = hidden.reshape(r, t, -1)  # (R, T, H) (un-flattened for flash)
         logps, lengths = indexed_logps(
             hidden, rows, cols, targets, seqs, 2 * b, lm_head_weight=weight, bias=bias, chunk_size=lm_head_chunk
         )

@@ -39,12 +39,24 @@ def inference_batches(
     collate: Callable[[list[Any]], Batch],
     batch_size: int,
     dist: Dist,
+    lockstep: bool = False,
 ) -> Iterator[tuple[list[int], Batch]]:
     """(indices, device batch) for this process's share of `examples`, under `torch.inference_mode`
     and the run's autocast. Callers reduce what they accumulate with `dist.reduce_sum`; every
-    process joins that reduce even when it ran no batch."""
+    process joins that reduce even when it ran no batch.
+
+    `lockstep`: every process runs the same number of batches, because each forward of the model is
+    itself collective (an FSDP-sharded model gathers its shards in it). A process with fewer batches
+    runs filler batches (a copy of the first batch) yielded with indices ``[]``: run them, discard
+    the result.
+    """
+    batches = length_sorted_batches(lengths, batch_size)
+    mine: list[list[int]] = dist.shard(batches)
+    rounds = -(-len(batches) // dist.world) if lockstep else len(mine)
     with torch.inference_mode():
-        for idx in dist.shard(length_sorted_batches(lengths, batch_size)):
-            batch = {k: v.to(dist.device, non_blocking=True) for k, v in collate([examples[i] for i in idx]).items()}
+        for r in range(rounds):
+            idx = mine[r] if r < len(mine) else []
+            rows = idx or batches[0]
+            batch = {k: v.to(dist.device, non_blocking=True) for k, v in collate([examples[i] for i in rows]).items()}
             with dist.autocast():
                 yield idx, batch

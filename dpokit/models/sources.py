@@ -27,6 +27,8 @@ import difflib
 import importlib.metadata
 import importlib.util
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -161,7 +163,6 @@ BUILTIN_MODELS: dict[str, dict[str, Any]] = {
 def _materialize_builtin(name: str) -> Path:
     """Build a builtin model once into the cache (atomically) and return its folder."""
     import os
-    import shutil
     import tempfile
 
     from dpokit.models.tiny import build_tiny_llama
@@ -173,11 +174,26 @@ def _materialize_builtin(name: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
     build_tiny_llama(tmp, **BUILTIN_MODELS[name])
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_folder(tmp, target)
     return target
+
+
+def publish_folder(tmp: Path, target: Path, timeout_s: float = 600.0) -> None:
+    """Rename the folder `tmp` just written to `target` (a cache entry), atomically; the first process
+    wins. Under torch.distributed, transformers writes the weights on rank 0 only, so another rank's
+    `tmp` has none: that rank drops it and waits for rank 0's copy to appear."""
+    if any(tmp.glob("*.safetensors")):
+        try:
+            tmp.rename(target)
+            return
+        except OSError:  # another process won the race: use its copy
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    deadline = time.monotonic() + timeout_s
+    while not (target / "config.json").is_file():
+        if time.monotonic() > deadline:
+            raise ModelError(f"waited {timeout_s:.0f}s for another process to write {target}; delete it and retry")
+        time.sleep(0.2)
 
 
 def resolve_source(
@@ -524,8 +540,6 @@ def materialize_gguf(source: ModelSource | str | Path, log: Callable[[str], None
     """
     import dataclasses
     import os
-    import shutil
-    import time
 
     src = _as_source(source)
     if src.kind != "gguf":
@@ -544,9 +558,6 @@ def materialize_gguf(source: ModelSource | str | Path, log: Callable[[str], None
         tmp = cache / f".{target.name}.tmp-{os.getpid()}"
         save_pretrained_clean(model, tokenizer, tmp)
         del model
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(tmp, target)
         log(f"converted {src.name or gguf_path.name} in {time.perf_counter() - start:.0f}s: {target}")
     return dataclasses.replace(src, kind="hf_dir", path=target, gguf_file=None)

@@ -40,8 +40,11 @@ def build_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # Its own random stream: building the model on first use must not move the caller's (a run seeds
+    # before loading, and its LoRA init would otherwise depend on whether the model was cached).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out

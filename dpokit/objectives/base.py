@@ -183,9 +183,11 @@ def evaluate_examples(
     acc.add(torch.zeros(n_keys, 0, device=dist.device))  # a process with no batch still joins the reduce
     lengths = [objective.example_length(e) for e in examples]
     try:
-        for _, batch in inference_batches(examples, lengths, collator, batch_size, dist):
+        # lockstep: a sharded model's forward is collective, so every process runs as many batches
+        for idx, batch in inference_batches(examples, lengths, collator, batch_size, dist, lockstep=dist.sharded):
             _, values = objective.batch_values(model, batch, "eval")
-            acc.add(values)
+            if idx:  # not a filler batch
+                acc.add(values)
     finally:
         model.train(was_training)
     return acc.compute(objective.metric_keys, dist.reduce_sum if dist.world > 1 else None)

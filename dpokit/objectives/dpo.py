@@ -198,8 +198,8 @@ class DPOObjective(Objective):
             )
             return
         ref = references.build_reference(cfg, setup.policy, setup.dtype, mode, setup.lm_head_chunk)
-        if ref.model is not None:
-            ref.model.to(dist.device)
+        if ref.model is not None:  # a frozen copy: sharded like the policy under FSDP
+            ref.model = dist.place_frozen(ref.model)
         self.references = {"train": ref, "eval": ref}
 
     def attach(self, policy: Any) -> None:

@@ -52,7 +52,7 @@ from torch import Tensor
 from dpokit.config import Config
 from dpokit.data import completions
 from dpokit.data.completions import CompletionCollator, PackedCompletionCollator, TokenizedCompletion
-from dpokit.models.forward import LM_HEAD_CHUNK, lm_head_parts, packed_model_inputs
+from dpokit.models.forward import LM_HEAD_CHUNK, final_hidden, packed_model_inputs
 from dpokit.models.layout import attention_cost_tokens, attn_implementation_of
 from dpokit.models.logps import indexed_logps
 from dpokit.models.varlen import IMPL_NAME as VARLEN
@@ -150,10 +150,10 @@ def completion_scores(model: Any, batch: Batch, lm_head_chunk: int = LM_HEAD_CHU
         inputs = packed_model_inputs(model, batch)
     else:
         inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    parts = lm_head_parts(model) if lm_head_chunk > 0 else None
-    if parts is not None:
-        decoder, weight, bias = parts
-        acts = decoder(**inputs).last_hidden_state.reshape(r, t, -1)  # (R, T, H) (un-flattened for flash)
+    head = final_hidden(model, inputs) if lm_head_chunk > 0 else None
+    if head is not None:
+        hidden, weight, bias = head
+        acts = hidden.reshape(r, t, -1)  # (R, T, H) (un-flattened for flash)
         logps, n_tokens = indexed_logps(acts, *index, n, lm_head_weight=weight, bias=bias, chunk_size=lm_head_chunk)
         hits = argmax_hits(
             acts.detach(), index, n, weight.detach(), None if bias is None else bias.detach(), lm_head_chunk

@@ -4,11 +4,18 @@ Layout of one checkpoint (``output_dir/checkpoints/step-00000120/``)::
 
     model.safetensors   trainable parameters by name (all weights, or only the LoRA adapters)
     optimizer.pt        optimizer.state_dict()           (torch.save; read with weights_only=True)
+    sharded/            instead of the two above, in a run of several processes: the trainable
+                        parameters and the optimizer state as torch distributed checkpoint (DCP)
+                        files, each process writing its own shards (FSDP) or DCP dividing the
+                        replicated ones (DDP); nothing is gathered on one process
     scheduler.pt        lr scheduler state_dict()
     rng-<rank>.pt       python / numpy / torch / cuda RNG states of each process
     trainer_state.pt    loop state: step, data position, metric sums, counters, log rows written
     config.yaml         the resolved config of the run that wrote it
     meta.json           written last: format version, step, world size, every file and its size
+
+A checkpoint resumes only at the world size that wrote it (meta.json's `world_size`): the data
+position, the per-process RNG streams and a sharded optimizer belong to that many processes.
 
 A checkpoint is assembled in ``.tmp-step-...`` and renamed into place only when every file is
 written and fsynced, so a folder named ``step-*`` is complete unless the disk itself lost data;
@@ -39,6 +46,7 @@ CHECKPOINTS = "checkpoints"  # folder under train.output_dir
 FORMAT = "dpokit-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
+SHARDED = "sharded"  # the DCP folder of a multi-process checkpoint
 _NAME = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -54,13 +62,21 @@ class Checkpoint:
 
     path: Path
     step: int
-    weights: dict[str, Tensor]
-    optimizer: dict[str, Any]
+    weights: dict[str, Tensor] | None  # None in a sharded checkpoint: `load_sharded` reads it
+    optimizer: dict[str, Any] | None
     scheduler: dict[str, Any]
     rng: dict[str, Any] | None  # None when this rank has no RNG file (different world size)
     state: dict[str, Any]
     config_yaml: str
     meta: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.meta.get("layout") == SHARDED
+
+    @property
+    def world_size(self) -> int:
+        return int(self.meta.get("world_size", 1))
 
 
 def folder_name(step: int) -> str:
@@ -154,10 +170,54 @@ def write_rng(tmp: Path, rank: int) -> None:
     _fsync(tmp / f"rng-{rank}.pt")
 
 
+def _sharded_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # trainable parameters only (LoRA: the adapters), as in model.safetensors; frozen ones are not
+    # written, so loading must not insist on them (strict=False)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, _inner(optimizer), options=_sharded_options())
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def write_sharded(tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
+    """Every process writes its shards of the trainable parameters and the optimizer state into
+    ``tmp/sharded`` (collective: all processes call it). `model` is the wrapped (DDP/FSDP) module."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> None:
+    """Read ``path/sharded`` into the wrapped model and its optimizer, each process its shards
+    (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(model, optimizer)  # the shapes and placements to read into
+    try:
+        dcp.load(state, checkpoint_id=str(path / SHARDED))
+    except Exception as exc:  # DCP wraps per-rank failures in its own exception types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: its sharded state does not load into this model: {reason}") from None
+    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_sharded_options())
+
+
 def write_and_publish(
     tmp: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     optimizer: Any,
     scheduler: Any,
     state: dict[str, Any],
@@ -165,15 +225,18 @@ def write_and_publish(
     world_size: int,
     keep: int,
 ) -> Path:
-    """Write the main process's files into `tmp`, then rename it to ``step-N`` and prune old ones."""
+    """Write the main process's files into `tmp`, then rename it to ``step-N`` and prune old ones.
+
+    `model=None`: the weights and optimizer state are already in ``tmp/sharded`` (`write_sharded`)."""
     from safetensors.torch import save_file
 
-    save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model is not None:
+        save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(state, tmp / "trainer_state.pt")
     (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    files = sorted(p.name for p in tmp.iterdir())
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
         _fsync(tmp / name)
     meta = {
@@ -181,6 +244,7 @@ def write_and_publish(
         "version": VERSION,
         "step": step,
         "world_size": world_size,
+        "layout": "full" if model is not None else SHARDED,
         "files": {name: (tmp / name).stat().st_size for name in files},
     }
     _write_synced(tmp / "meta.json", json.dumps(meta, indent=2))
@@ -246,15 +310,17 @@ def load_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: {name} has {f.stat().st_size} bytes, meta.json recorded {size}"
             )
-    for name in (WEIGHTS, "optimizer.pt", "scheduler.pt", "trainer_state.pt", "config.yaml"):
+    sharded = meta.get("layout") == SHARDED
+    model_files = (f"{SHARDED}/.metadata",) if sharded else (WEIGHTS, "optimizer.pt")
+    for name in (*model_files, "scheduler.pt", "trainer_state.pt", "config.yaml"):
         if name not in meta["files"]:
             raise CheckpointError(f"checkpoint {path} is incomplete: meta.json does not list {name}")
     rng_file = f"rng-{rank}.pt"
     return Checkpoint(
         path=path,
         step=meta["step"],
-        weights=_read_weights(path / WEIGHTS),
-        optimizer=_read_torch(path / "optimizer.pt"),
+        weights=None if sharded else _read_weights(path / WEIGHTS),
+        optimizer=None if sharded else _read_torch(path / "optimizer.pt"),
         scheduler=_read_torch(path / "scheduler.pt"),
         rng=_read_torch(path / rng_file) if rng_file in meta["files"] else None,
         state=_read_torch(path / "trainer_state.pt"),
@@ -328,6 +394,17 @@ def _read_torch(path: Path) -> Any:
     except Exception as exc:  # torch raises many types for truncated or foreign files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"checkpoint file {path} is unreadable: {reason}") from None
+
+
+def check_world_size(found: Checkpoint, world: int) -> None:
+    """Refuse a checkpoint written by another number of processes (see the module docstring)."""
+    if found.world_size != world:
+        raise CheckpointError(
+            f"checkpoint {found.path} was written by {found.world_size} process(es) and this run has {world}: "
+            f"its data position, per-process random streams and sharded optimizer state belong to "
+            f"{found.world_size}. Resume with --num-processes {found.world_size}, or start a new run "
+            "(train.resume=no) in another train.output_dir"
+        )
 
 
 # ---- applying -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor
 from dpokit.config import Config
 from dpokit.data.files import data_files, write_rows
 from dpokit.data.stream import ExampleStream
-from dpokit.dist import Dist, make_accelerator
+from dpokit.dist import Dist, local_value, make_accelerator
 from dpokit.errors import DpokitError
 from dpokit.models.forward import LM_HEAD_CHUNK
 from dpokit.models.layout import attn_implementation_of
@@ -121,8 +121,7 @@ def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
         dist.print(summaries["eval"].render())
     if not train_examples:
         raise DpokitError(f"no training {objective.unit} left after validation and truncation (see the summary above)")
-    # The decoder-direct chunked head bypasses the wrapper's forward, which DDP/FSDP need.
-    lm_head_chunk = LM_HEAD_CHUNK if dist.world == 1 else 0
+    lm_head_chunk = LM_HEAD_CHUNK  # under DDP / FSDP it runs through the wrapper (models.forward.final_hidden)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = objective.build_collator(pad_id, policy, accelerator.device)
     dist.print(f"batches: {collator.describe()}")
@@ -337,10 +336,11 @@ def _epoch(step: int, cfg: Config, s: Setup) -> float:
 
 
 def _clip(acc: Any, model: Any, max_norm: float) -> Tensor:
-    if max_norm > 0:
-        return acc.clip_grad_norm_(model.parameters(), max_norm)
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+    """Clip to `max_norm` (0: no clipping) and return the total gradient norm, a plain tensor on
+    every process. Accelerate computes it across processes (FSDP's shards, DDP's replicas); with
+    max_norm=inf the clip factor is 1, so the norm is still logged and checked for NaN."""
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return local_value(norm) if norm is not None else torch.tensor(0.0)
 
 
 # ---- numerical faults ---------------------------------------------------------
@@ -449,18 +449,21 @@ _HISTORY = 16  # training rows kept for the objective's warnings (it looks at th
 
 # ---- checkpoints ------------------------------------------------------------------------
 def _save_checkpoint(run: _Run, state: LoopState) -> Path:
-    """Write a checkpoint of the state after `state.step` (every process takes part)."""
-    acc, root = run.s.accelerator, run.out / ckpt.CHECKPOINTS
+    """Write a checkpoint of the state after `state.step` (every process takes part: each writes its
+    RNG state and, with several processes, its shards of the weights and optimizer state)."""
+    acc, root, sharded = run.s.accelerator, run.out / ckpt.CHECKPOINTS, run.s.dist.world > 1
     tmp = ckpt.staging_dir(root, state.step)
     try:
         if acc.is_main_process:
             ckpt.begin(root, state.step)
         acc.wait_for_everyone()
         ckpt.write_rng(tmp, acc.process_index)
+        if sharded:
+            ckpt.write_sharded(tmp, run.policy, run.optimizer)
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.write_and_publish(
-                tmp, state.step, acc.unwrap_model(run.policy), run.optimizer, run.scheduler,
+                tmp, state.step, None if sharded else acc.unwrap_model(run.policy), run.optimizer, run.scheduler,
                 state.to_dict(run.stream.consumed), run.cfg.to_yaml(commented=False), acc.num_processes,
                 run.cfg.train.keep_checkpoints,
             )
@@ -485,16 +488,18 @@ def _resume(run: _Run) -> LoopState:
             return LoopState()
     else:
         found = ckpt.load_checkpoint(Path(str(t.resume)), acc.process_index)
-    ckpt.apply_weights(acc.unwrap_model(run.policy), found.weights, found.path)
-    run.optimizer.load_state_dict(found.optimizer)
+    ckpt.check_world_size(found, run.s.dist.world)
+    if found.sharded:
+        ckpt.load_sharded(found.path, run.policy, run.optimizer)
+    else:
+        ckpt.apply_weights(acc.unwrap_model(run.policy), found.weights or {}, found.path)
+        run.optimizer.load_state_dict(found.optimizer)
     run.scheduler.load_state_dict(found.scheduler)
     _adopt_changed_settings(run, found.config_yaml)
     state = LoopState.from_dict(found.state, acc.device)
     run.stream.consumed = found.state["consumed"]
     if found.rng is not None:
         ckpt.set_rng_state(found.rng)  # last: nothing between here and the first step draws numbers
-    else:
-        run.s.dist.print("warning: the checkpoint has no RNG state for this process (another number of processes?)")
     if acc.is_main_process:
         M.truncate_metrics(run.out / "metrics.jsonl", state.rows)
     run.s.dist.print(f"resumed from {found.path} (step {found.step} of {run.steps})")
@@ -538,8 +543,9 @@ def _save(run: _Run) -> dict[str, str]:
     acc = run.s.accelerator
     acc.wait_for_everyone()
     written: dict[str, str] = {}
+    model = run.s.dist.full_model(run.policy)  # FSDP / ZeRO-3: the shards gathered (every process calls it)
     if run.s.dist.is_main:
-        written = run.objective.save(acc.unwrap_model(run.policy), run.s.tokenizer, run.out)
+        written = run.objective.save(model, run.s.tokenizer, run.out)
         # the metrics as logged (the logger is closed): the last training row and the final eval row
         train_metrics, eval_metrics = cards.final_metrics(run.out / "metrics.jsonl")
         facts = cards.run_facts(run.cfg, run.steps, train_metrics, eval_metrics, run.s.summaries, run.objective.name)

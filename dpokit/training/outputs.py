@@ -92,7 +92,7 @@ def prepare(cfg: Config) -> tuple[Path, bool]:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dpokit_write_test"
+        probe = out / f".dpokit_write_test-{os.getpid()}"  # one per process: several may check at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

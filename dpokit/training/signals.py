@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -33,8 +34,9 @@ class StopSignals:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                         "(send it again to abort at once)\n")
+        if os.environ.get("RANK", "0") == "0":  # every process of a launched run gets the signal; one says so
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                             "(send it again to abort at once)\n")
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():

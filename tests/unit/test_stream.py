@@ -57,19 +57,31 @@ def _padding(pairs: list[TokenizedPair], batches: list[list[int]]) -> int:
 
 @pytest.mark.parametrize(("mbs", "world"), [(4, 1), (3, 2), (8, 1)])
 def test_every_pair_once_per_epoch_and_deterministic(mbs: int, world: int) -> None:
+    """Laid out in global order (micro-batch by micro-batch, rank by rank), the examples of each
+    epoch are a permutation: none twice, none dropped, the ragged tail included."""
     pairs = _synthetic(1003)  # not a multiple of anything: a ragged tail
-    per_epoch = len(pairs) // (mbs * world)
+    n_mb = -(-2 * len(pairs) // (mbs * world))  # global micro-batches covering two epochs
     for accum in (1, 3):
-        ranks = [_take(_stream(pairs, mbs, 7, world, r, group_by_length=True, grad_accum_steps=accum), 2 * per_epoch)
+        ranks = [_take(_stream(pairs, mbs, 7, world, r, group_by_length=True, grad_accum_steps=accum), n_mb)
                  for r in range(world)]
-        again = _take(_stream(pairs, mbs, 7, world, 0, group_by_length=True, grad_accum_steps=accum), 2 * per_epoch)
+        again = _take(_stream(pairs, mbs, 7, world, 0, group_by_length=True, grad_accum_steps=accum), n_mb)
         assert again == ranks[0]
-        for epoch in range(2):
-            seen = [i for r in ranks for mb in r[epoch * per_epoch : (epoch + 1) * per_epoch] for i in mb]
-            assert len(seen) == len(set(seen)) == per_epoch * mbs * world  # no pair twice, ragged tail skipped
-        assert ranks[0][:per_epoch] != ranks[0][per_epoch:]  # epochs differ
-    other_seed = _take(_stream(pairs, mbs, 8, world, 0, group_by_length=True), per_epoch)
-    assert other_seed != ranks[0][:per_epoch]
+        flat = [i for c in range(n_mb) for r in range(world) for i in ranks[r][c]]
+        first, second = flat[: len(pairs)], flat[len(pairs) : 2 * len(pairs)]
+        assert sorted(first) == sorted(second) == list(range(len(pairs)))
+        assert first != second  # epochs differ
+    other_seed = _take(_stream(pairs, mbs, 8, world, 0, group_by_length=True), n_mb)
+    assert other_seed != ranks[0]
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_one_process_sees_what_several_see_together(group: bool) -> None:
+    """micro_batch m x N processes == micro_batch m*N in one process, micro-batch by micro-batch:
+    what makes an N-process run equal a one-process run at the same global batch."""
+    pairs = _synthetic(203)
+    one = _take(_stream(pairs, 6, 4, 1, 0, group_by_length=group, grad_accum_steps=2), 90)
+    ranks = [_take(_stream(pairs, 2, 4, 3, r, group_by_length=group, grad_accum_steps=2), 90) for r in range(3)]
+    assert one == [ranks[0][c] + ranks[1][c] + ranks[2][c] for c in range(90)]
 
 
 @pytest.mark.parametrize("source", ["toy", "synthetic"])
@@ -109,7 +121,6 @@ def test_step_contents_do_not_depend_on_how_the_step_is_split() -> None:
     pairs = _synthetic(403)
     a = _take(_stream(pairs, 4, 1, group_by_length=True, grad_accum_steps=1), 100)
     b = _take(_stream(pairs, 1, 1, group_by_length=True, grad_accum_steps=4), 400)
-    # (the first epoch: how much of the ragged tail is skipped depends on the micro-batch size)
     assert [i for mb in a for i in mb] == [i for mb in b for i in mb]
 
 

@@ -1,0 +1,207 @@
+"""Two processes on CPU (gloo) train the same model as one: DDP and FSDP2, checkpoints, failures.
+
+Each two-process run goes through the real entry point, `dpokit train --num-processes 2
+--accelerate-config NAME` (which re-runs itself under `accelerate launch` with the shipped config),
+and is compared with a one-process run in this process at the same global batch: micro_batch 8 x 1
+process == micro_batch 4 x 2 processes (`data.stream.ExampleStream` gives the one process exactly
+the union of what the two see). Measured differences (float32): metrics <= 2e-6, weights <= 8e-7;
+the tolerance below is 1e-5. A two-process run of the tiny model takes ~7 s here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.config import Config
+from dpokit.launch import free_port
+from dpokit.training import checkpoint as ckpt
+from dpokit.training.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-5  # fp32: summation order differs between one and two processes
+EVAL = "data.eval_files=[builtin:toy/eval.jsonl]"
+COMMON = [
+    "model.name_or_path=tiny-random-llama", "train.mixed_precision=no", "train.log_every=1", "train.lr=1e-3",
+    "train.warmup_steps=2", "train.progress_bar=false", "data.eval_files=[]", "train.eval_batch_size=16",
+]  # fmt: skip
+
+
+def _env(**extra: str) -> dict[str, str]:
+    drop = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_FSDP")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("FSDP_")}
+    return {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _command(out: Path, overrides: list[str], strategy: str) -> list[str]:
+    return [sys.executable, "-m", "dpokit", "train", "--preset", "tiny", "--num-processes", "2",
+            "--accelerate-config", strategy, f"train.output_dir={out}", "train.micro_batch_size=4",
+            *COMMON, *overrides]  # fmt: skip
+
+
+def _launch(out: Path, overrides: list[str], strategy: str = "ddp", **env: str) -> subprocess.CompletedProcess[str]:
+    """A two-process run through `dpokit train --num-processes 2`; fails the test if it fails."""
+    proc = subprocess.run(_command(out, overrides, strategy), cwd=REPO, env=_env(**env), capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def _one(out: Path, overrides: list[str], cache: Path | None = None) -> None:
+    """The same run in this process, one process, micro_batch 8."""
+    if cache is not None:
+        os.environ["DPOKIT_CACHE"] = str(cache)
+    try:
+        cfg = Config.from_preset("tiny").override([f"train.output_dir={out}", "train.micro_batch_size=8", *COMMON,
+                                                   *overrides])  # fmt: skip
+        train(cfg)
+    finally:
+        if cache is not None:
+            os.environ.pop("DPOKIT_CACHE")
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(out / name))
+
+
+def _assert_same_run(a: Path, b: Path, tol: float = TOL) -> None:
+    """Same metrics rows (every number but throughput) and the same final weights, within tol."""
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra.keys() == rb.keys()
+        for k, v in ra.items():
+            if isinstance(v, float) and k != "tokens_per_sec":
+                assert abs(v - rb[k]) <= tol * max(1.0, abs(v)), (ra["step"], k, v, rb[k])
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=tol), (k, (wa[k] - wb[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def one_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "full"
+    _one(out, ["train.max_steps=6", "train.eval_every=3", EVAL])
+    return out
+
+
+def test_fsdp_full_equals_one_process(one_full: Path, tmp_path: Path) -> None:
+    """FSDP2: parameters, gradients, optimizer state sharded; the reference copy sharded the same way;
+    evaluation in lockstep; the final model gathered into one Hugging Face folder."""
+    proc = _launch(tmp_path / "fsdp", ["train.max_steps=6", "train.eval_every=3", EVAL], "fsdp")
+    assert "launching 2 processes" in proc.stdout
+    _assert_same_run(one_full, tmp_path / "fsdp")
+    assert (tmp_path / "fsdp" / "config.json").is_file()  # an ordinary HF folder, loadable by transformers
+
+
+def test_fsdp_lora_with_a_reference_cache_written_by_one_process(tmp_path: Path) -> None:
+    """FSDP2 with LoRA (trainable adapters on sharded frozen weights), reading the reference log-probs
+    a one-process run precomputed: the cache written by one process serves two."""
+    lora = ["lora.enabled=true", "lora.r=4", "train.lr=1e-2", "train.max_steps=4", "reference.precompute=true"]
+    cache = tmp_path / "cache"
+    _one(tmp_path / "one", lora, cache)
+    proc = _launch(tmp_path / "fsdp", lora, "fsdp", DPOKIT_CACHE=str(cache))
+    assert "reference log-probs [train]: cache hit" in proc.stdout, proc.stdout[-3000:]
+    _assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+
+
+def test_ddp_precompute_sharded_then_reused_by_one_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two processes each compute half of the reference log-probs and gather them into one cache;
+    a later one-process run finds it, and trains the same steps."""
+    pre = ["train.max_steps=3", "reference.precompute=true"]
+    cache = tmp_path / "cache"
+    proc = _launch(tmp_path / "ddp", pre, DPOKIT_CACHE=str(cache))
+    assert "reference log-probs [train]: cache miss, computed" in proc.stdout
+    capsys.readouterr()
+    _one(tmp_path / "one", pre, cache)
+    assert "reference log-probs [train]: cache hit" in capsys.readouterr().out
+    _assert_same_run(tmp_path / "one", tmp_path / "ddp")
+
+
+def _wait_for_rows(path: Path, n: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path}: fewer than {n} rows before the run ended or {timeout}s passed")
+
+
+def test_ddp_sigterm_to_the_launcher_checkpoints_and_resume_is_bitwise(tmp_path: Path) -> None:
+    """SIGTERM to `dpokit train --num-processes 2` reaches both workers: they finish the step, write a
+    sharded checkpoint and stop; `train.resume=auto` then ends with the same weights, bit for bit,
+    as an uninterrupted two-process run. (DDP against one process: the precompute test.)"""
+    steps = ["train.max_steps=60", "train.save_every=0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run = subprocess.Popen(_command(cut, steps, "ddp"), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        _wait_for_rows(cut / "metrics.jsonl", 3, run)
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    saved = ckpt.list_checkpoints(cut / ckpt.CHECKPOINTS)
+    assert run.returncode != 0 and len(saved) == 1, output[-3000:]
+    step, folder = saved[0]
+    assert 3 <= step < 60 and (folder / ckpt.SHARDED / ".metadata").is_file()
+    assert json.loads((folder / "meta.json").read_text())["world_size"] == 2
+    _launch(cut, [*steps, "train.resume=auto"])
+    _launch(whole, steps)
+    a, b = _weights(whole), _weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint resumes only at the world size that wrote it
+    with pytest.raises(ckpt.CheckpointError, match="written by 2 process.*this run has 1.*--num-processes 2"):
+        cfg = Config.from_preset("tiny").override([f"train.output_dir={cut}", "train.resume=" + str(folder), *COMMON,
+                                                   *steps])  # fmt: skip
+        train(cfg)
+
+
+_FAIL_ON_RANK_1 = """
+import sys
+from dpokit.config import Config
+from dpokit.launch import free_port
+from dpokit.errors import DataError
+from dpokit.training.hooks import Hook
+from dpokit.training.loop import train
+
+class BadBatchOnRank1(Hook):
+    def __init__(self, rank): self.rank = rank
+    def on_micro_batch(self, step, examples):
+        if self.rank == 1 and step == 2:
+            raise DataError("rank 1: a bad batch at step 2")
+
+import os
+cfg = Config.from_preset("tiny").override(sys.argv[2:] + ["train.output_dir=" + sys.argv[1]])
+train(cfg, hooks=[BadBatchOnRank1(int(os.environ["RANK"]))])
+"""
+
+
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path: Path) -> None:
+    """Rank 1 raises at step 2 while rank 0 waits in the gradient all-reduce: the run ends (no hang),
+    non-zero, and the output carries rank 1's message."""
+    script = tmp_path / "fail.py"
+    script.write_text(_FAIL_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(script), str(tmp_path / "out"), "train.micro_batch_size=4", "train.max_steps=50", *COMMON]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "rank 1: a bad batch at step 2" in proc.stdout + proc.stderr
+    assert time.monotonic() - start < 120
