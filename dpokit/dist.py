@@ -92,14 +92,42 @@ class Dist:
     def place_frozen(self, model: Any) -> Any:
         """A frozen model (DPO's reference copy) placed like the policy, in evaluation mode: sharded
         the same way under FSDP (each process holds its shards, gathered layer by layer in the
-        forward), on this process's device otherwise (DDP: one copy per process; nothing to sync)."""
+        forward), on this process's device otherwise (DDP, DeepSpeed: one copy per process)."""
         if self.strategy == "fsdp":
             from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
             model = fsdp2_prepare_model(self.accelerator, model)
         else:
+            if self.zero_stage == 3:
+                self.print("reference: a whole copy on each process under DeepSpeed ZeRO-3 (LoRA, or "
+                           "reference.precompute=true, keeps no second model)")
             model.to(self.device)
-        return model.eval()
+        model.eval()  # (DeepSpeed's engine returns None from eval())
+        return model
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """The context models are loaded in: under DeepSpeed, whole on each process, not partitioned
+        while loading (Accelerate registers its config with transformers, which then partitions any
+        ZeRO-3 load, whatever zero3_init_flag says), so the reference copy and the precompute pass
+        see real weights; the engine partitions the policy when it is prepared."""
+        if self.strategy != "deepspeed":
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+    @property
+    def zero_stage(self) -> int:
+        """DeepSpeed's ZeRO stage (0 without DeepSpeed)."""
+        if self.strategy != "deepspeed":
+            return 0
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
 
     def print(self, message: str) -> None:
         """Print on the main process only."""
@@ -132,7 +160,42 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
+def deepspeed_requested() -> bool:
+    """Did the launcher (an Accelerate config with distributed_type DEEPSPEED) ask for DeepSpeed?"""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_run_settings(
+    ds_config: dict[str, Any], micro_batch_size: int, grad_accum_steps: int, max_grad_norm: float, world: int
+) -> dict[str, Any]:
+    """The DeepSpeed config with the run's batch, accumulation and clipping filled in.
+
+    DeepSpeed runs these itself (its engine steps on the accumulation boundary and clips), so they
+    must equal dpokit's train.* settings: a value left out or "auto" takes dpokit's; a different
+    number is an error naming both.
+    """
+    want = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum_steps,
+            "train_batch_size": micro_batch_size * grad_accum_steps * world, "gradient_clipping": max_grad_norm}
+    dpokit_key = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                  "gradient_accumulation_steps": "train.grad_accum_steps",
+                  "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x processes",
+                  "gradient_clipping": "train.max_grad_norm"}  # fmt: skip
+    out = dict(ds_config)
+    for key, value in want.items():
+        have = out.get(key, "auto")
+        if have not in ("auto", None) and float(have) != float(value):
+            raise DpokitError(
+                f"the DeepSpeed config sets {key}={have}, but this run has {dpokit_key[key]} = {value}: "
+                f"set {key} to \"auto\" (dpokit fills it) or change {dpokit_key[key]}"
+            )
+        out[key] = value
+    return out
+
+
+def make_accelerator(
+    mixed_precision: str, micro_batch_size: int = 1, grad_accum_steps: int = 1, max_grad_norm: float = 0.0,
+    **kwargs: Any,
+) -> Any:
     """An Accelerator for this run: every launched process in one process group, FSDP when the
     launcher asked for it, and a fresh one when an earlier run in this process used another precision.
 
@@ -154,7 +217,12 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     world = launched_world()
-    cpu_group = world > 1 and not torch.cuda.is_available()
+    no_gpu = world > 1 and not torch.cuda.is_available()
+    cpu_group = no_gpu and not deepspeed_requested()
+    if no_gpu and deepspeed_requested():  # Accelerate drops DeepSpeed with cpu=True: name the backend instead
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
     acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu_group or kwargs.pop("cpu", False), **kwargs)
     if acc.num_processes != world:
         raise DpokitError(
@@ -169,6 +237,10 @@ def make_accelerator(mixed_precision: str, **kwargs: Any) -> Any:
         acc.state.fsdp_plugin = plugin
         # both singletons, as Accelerate's own GPU branch does (AcceleratorState re-reads PartialState)
         acc.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config  # updated in place: the plugin reads this dict
+        ds_config.update(deepspeed_run_settings(ds_config, micro_batch_size, grad_accum_steps, max_grad_norm,
+                                                acc.num_processes))  # fmt: skip
     return acc
 
 

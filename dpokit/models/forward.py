@@ -35,11 +35,21 @@ class PolicyLogps:
 
 
 def _is_wrapped(model: Any) -> bool:
-    """A DDP wrapper or an FSDP2-sharded module: its own forward must run (DDP prepares the
-    gradient all-reduce there, FSDP gathers the parameter shards)."""
+    """A DDP or DeepSpeed wrapper, or an FSDP2-sharded module: its own forward must run (DDP
+    prepares the gradient all-reduce there, FSDP gathers the parameter shards)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule))
+    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule)) or _is_deepspeed(model)
+
+
+def _is_deepspeed(model: Any) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"  # by name: deepspeed is an optional extra
+
+
+def _unwrapped(model: Any) -> Any:
+    """The module inside a DDP / DeepSpeed wrapper (an FSDP2 module is its own)."""
+    wrapper = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_deepspeed(model)
+    return model.module if wrapper else model
 
 
 def lm_head_parts(model: Any) -> tuple[Any, torch.nn.Linear] | None:
@@ -48,7 +58,7 @@ def lm_head_parts(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     The chunked path skips `model.forward`'s final projection, so it is only used when that
     projection is a plain Linear with no logit scaling or soft-capping.
     """
-    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    base = _unwrapped(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None

@@ -111,6 +111,11 @@ class Objective:
         wrapper, so e.g. LoRA adapters can be toggled on it)."""
 
     # ---- the step ------------------------------------------------------------------------------
+    def begin_step(self, micro_batches: Sequence[Batch], dist: Dist) -> None:
+        """Called with this process's micro-batches of an optimizer step before any forward: an
+        objective whose loss is normalised by the step's total (SFT: completion tokens) counts it
+        here, across micro-batches and processes. Every process calls it (it may reduce)."""
+
     def batch_values(self, model: Any, batch: Batch, split: str) -> tuple[Tensor, Tensor]:
         """(mean loss over the batch, per-example values (len(metric_keys), N)) for `split` ("train"/"eval")."""
         raise NotImplementedError

@@ -42,6 +42,7 @@ of the shares over that set is sum(nll) / sum(tokens). Keys (`SFT_KEYS`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -52,6 +53,7 @@ from torch import Tensor
 from dpokit.config import Config
 from dpokit.data import completions
 from dpokit.data.completions import CompletionCollator, PackedCompletionCollator, TokenizedCompletion
+from dpokit.dist import Dist
 from dpokit.models.forward import LM_HEAD_CHUNK, final_hidden, packed_model_inputs
 from dpokit.models.layout import attention_cost_tokens, attn_implementation_of
 from dpokit.models.logps import indexed_logps
@@ -227,6 +229,17 @@ class SFTObjective(Objective):
         self.mean_tokens["eval"] = sum(e.n_scored for e in examples) / max(len(examples), 1)
 
     # ---- the step ------------------------------------------------------------------------------
+    def begin_step(self, micro_batches: Sequence[Batch], dist: Dist) -> None:
+        """The training loss is per token over the whole optimizer step (every micro-batch, every
+        process), not over each micro-batch: n_bar = the step's completion tokens / its examples, so
+        micro_batch 8 x 1 process, 4 x 2 processes and 4 x 2 accumulation steps give one gradient
+        (means of per-micro-batch token means would weigh a short micro-batch's tokens more)."""
+        tokens = sum(b["score_index"].shape[1] for b in micro_batches)  # host tensors: no sync
+        examples = sum(b["example_index"].shape[0] for b in micro_batches)
+        counts = dist.reduce_sum(torch.tensor([tokens, examples], dtype=torch.float64, device=dist.device))
+        total_tokens, total_examples = counts.tolist()
+        self.mean_tokens["train"] = max(total_tokens, 1.0) / max(total_examples, 1.0)
+
     def batch_values(self, model: Any, batch: Batch, split: str) -> tuple[Tensor, Tensor]:
         """Per-token NLL of one micro-batch and its per-example values (len(SFT_KEYS), N)."""
         scores = completion_scores(model, batch, self.lm_head_chunk)

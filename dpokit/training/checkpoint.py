@@ -192,10 +192,21 @@ def _inner(optimizer: Any) -> Any:
 
 def write_sharded(tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
     """Every process writes its shards of the trainable parameters and the optimizer state into
-    ``tmp/sharded`` (collective: all processes call it). `model` is the wrapped (DDP/FSDP) module."""
+    ``tmp/sharded`` (collective: all processes call it). `model` is the wrapped (DDP/FSDP) module,
+    or DeepSpeed's engine, which writes its own partitioned format there."""
     import torch.distributed.checkpoint as dcp
 
+    if _is_deepspeed(model):
+        model.save_checkpoint(str(tmp / SHARDED), tag=_DS_TAG, exclude_frozen_parameters=True)
+        return
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
+
+
+_DS_TAG = "state"  # DeepSpeed's sub-folder name inside sharded/
+
+
+def _is_deepspeed(model: Any) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"  # by name: deepspeed is an optional extra
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> None:
@@ -204,6 +215,11 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    if _is_deepspeed(model):
+        loaded, _ = model.load_checkpoint(str(path / SHARDED), tag=_DS_TAG, load_module_strict=False)
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load its sharded state")
+        return
     state = _sharded_state(model, optimizer)  # the shapes and placements to read into
     try:
         dcp.load(state, checkpoint_id=str(path / SHARDED))
@@ -311,7 +327,8 @@ def load_checkpoint(path: Path, rank: int = 0) -> Checkpoint:
                 f"checkpoint {path} is corrupt: {name} has {f.stat().st_size} bytes, meta.json recorded {size}"
             )
     sharded = meta.get("layout") == SHARDED
-    model_files = (f"{SHARDED}/.metadata",) if sharded else (WEIGHTS, "optimizer.pt")
+    dcp_meta = f"{SHARDED}/.metadata"  # DCP's index; DeepSpeed writes sharded/state/ instead
+    model_files = (dcp_meta if dcp_meta in meta["files"] else f"{SHARDED}/latest",) if sharded else (WEIGHTS, "optimizer.pt")
     for name in (*model_files, "scheduler.pt", "trainer_state.pt", "config.yaml"):
         if name not in meta["files"]:
             raise CheckpointError(f"checkpoint {path} is incomplete: meta.json does not list {name}")

@@ -78,13 +78,18 @@ def accumulate_gradients(
     micro-batches): micro_batch 4 x accum 1 == micro_batch 1 x accum 4.
     """
     n = len(micro_batches)
+    # DeepSpeed's engine divides by its gradient_accumulation_steps (= n) itself, and steps (clip,
+    # update, zero) inside the backward of the micro-batch Accelerate marks as the last one.
+    deepspeed = acc.distributed_type.name == "DEEPSPEED"
     for i, batch_cpu in enumerate(micro_batches):
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch_cpu.items()}
         sync = i == n - 1  # all-reduce gradients across processes only on the last micro-batch
         with acc.no_sync(policy) if not sync else contextlib.nullcontext(), acc.autocast():
             loss, values = objective.batch_values(policy, batch, "train")
-        acc.backward(loss / n)
+        acc.sync_gradients = sync
+        acc.backward(loss if deepspeed else loss / n)
         running.add(values)
+    acc.sync_gradients = True
 
 
 # ---- setup ------------------------------------------------------------------------------
@@ -104,11 +109,15 @@ class Setup:
 def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
     """Accelerator, model, data and the objective's own pieces (a reference), in the order that keeps
     memory lowest."""
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    t = cfg.train
+    accelerator = make_accelerator(t.mixed_precision, t.micro_batch_size, t.grad_accum_steps, t.max_grad_norm)
     dist = Dist.from_accelerator(accelerator)
+    if dist.world > 1 or dist.strategy != "single":
+        dist.print(f"{dist.world} processes, {dist.strategy}")
     set_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
-    policy, tokenizer = objective.load_model(dtype)
+    with dist.loading():
+        policy, tokenizer = objective.load_model(dtype)
     skipped = out / "skipped.jsonl" if dist.is_main else None  # data.on_bad_row=skip lists them
     train_files, eval_files = data_files(cfg.data, cfg.train.seed)  # Hub splits, eval_fraction, train_weights
     train_examples, summary = objective.load_examples(train_files, tokenizer, skipped)
@@ -122,6 +131,10 @@ def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
     if not train_examples:
         raise DpokitError(f"no training {objective.unit} left after validation and truncation (see the summary above)")
     lm_head_chunk = LM_HEAD_CHUNK  # under DDP / FSDP it runs through the wrapper (models.forward.final_hidden)
+    if dist.zero_stage == 3:  # ZeRO-3 gathers the head's weight inside its forward only, then frees it
+        lm_head_chunk = 0
+        dist.print("chunked LM head off under DeepSpeed ZeRO-3 (its weight exists only inside the forward); "
+                   "full logits instead")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = objective.build_collator(pad_id, policy, accelerator.device)
     dist.print(f"batches: {collator.describe()}")
@@ -280,6 +293,7 @@ def _run_steps(run: _Run, state: LoopState, signals: StopSignals) -> TrainResult
             micro_batches.append(s.collator(taken))
         tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
         step_metrics = MetricAccumulator()
+        objective.begin_step(micro_batches, s.dist)
         accumulate_gradients(acc, run.policy, objective, micro_batches, step_metrics)
         grad_norm = _clip(acc, run.policy, t.max_grad_norm)
         finite, stop = _check_finite(s.dist, objective, step_metrics, grad_norm, signals.requested)
@@ -340,7 +354,8 @@ def _clip(acc: Any, model: Any, max_norm: float) -> Tensor:
     every process. Accelerate computes it across processes (FSDP's shards, DDP's replicas); with
     max_norm=inf the clip factor is 1, so the norm is still logged and checked for NaN."""
     norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return local_value(norm) if norm is not None else torch.tensor(0.0)
+    # DeepSpeed clips inside its step and reports the norm as a float
+    return local_value(torch.as_tensor(norm if norm is not None else 0.0))
 
 
 # ---- numerical faults ---------------------------------------------------------

@@ -13,6 +13,7 @@ import yaml
 
 from dpokit import launch, resources
 from dpokit.cli import main
+from dpokit.dist import deepspeed_run_settings
 from dpokit.errors import ConfigError, DpokitError
 from tests.conftest import ASSETS
 
@@ -224,7 +225,8 @@ def test_every_accelerate_config_loads_through_accelerate(name: str) -> None:
         assert cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     if name.startswith("zero"):
         ds = cfg.deepspeed_config
-        assert ds["zero_stage"] == int(name[-1]) and ds["zero3_init_flag"] is (name == "zero3")
+        # dpokit loads the whole model on each process; the engine partitions it (dist.Dist.loading)
+        assert ds["zero_stage"] == int(name[-1]) and ds["zero3_init_flag"] is False
         assert "gradient_clipping" not in ds and "gradient_accumulation_steps" not in ds  # dpokit fills them
 
 
@@ -241,4 +243,21 @@ def test_deepspeed_configs_build_a_deepspeed_plugin(name: str) -> None:
     assert zero["stage"] == int(name[-1])
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is (name == "zero3")
-    assert plugin.zero3_init_flag is (name == "zero3")
+    assert plugin.zero3_init_flag is False
+    # checked against the run's settings: what dpokit fills in before Accelerate builds the engine
+    filled = deepspeed_run_settings(plugin.deepspeed_config, 4, 2, 1.0, world=2)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (4, 2)
+    assert (filled["train_batch_size"], filled["gradient_clipping"]) == (16, 1.0)
+    assert filled["zero_optimization"] == plugin.deepspeed_config["zero_optimization"]
+
+
+def test_deepspeed_run_settings_fill_auto_and_refuse_a_conflict() -> None:
+    """DeepSpeed's engine accumulates and clips itself, so its numbers must be dpokit's (no DeepSpeed needed)."""
+    filled = deepspeed_run_settings({"gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}, 2, 8, 0.0, 4)
+    assert filled == {"gradient_accumulation_steps": 8, "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": 2,
+                      "train_batch_size": 64, "gradient_clipping": 0.0}  # fmt: skip
+    assert deepspeed_run_settings({"gradient_clipping": 1}, 2, 8, 1.0, 1)["gradient_clipping"] == 1.0  # equal: fine
+    with pytest.raises(DpokitError, match=r"gradient_accumulation_steps=4.*train.grad_accum_steps = 8.*auto"):
+        deepspeed_run_settings({"gradient_accumulation_steps": 4}, 2, 8, 1.0, 1)
+    with pytest.raises(DpokitError, match=r"train_micro_batch_size_per_gpu=16.*train.micro_batch_size = 2"):
+        deepspeed_run_settings({"train_micro_batch_size_per_gpu": 16}, 2, 8, 1.0, 1)
