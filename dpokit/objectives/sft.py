@@ -8,27 +8,29 @@ A batch of N completions (`dpokit.data.completions` layouts: padded or packed) b
         -> loss; values = [nll, accuracy, n_tokens, logps]                    (len(SFT_KEYS), N)
 
 The loss is the token-level NLL of the completion tokens only (prompt, earlier turns with
-data.sft_loss_on=last_assistant, and padding are masked), normalised PER TOKEN over the micro-batch:
-sum of the token NLLs / number of completion tokens in the micro-batch (TRL's completion-only loss).
+data.sft_loss_on=last_assistant, and padding are masked), normalised PER TOKEN OF THE OPTIMIZER STEP:
+sum of the token NLLs / number of completion tokens in the whole step, over every micro-batch and
+every process (TRL's completion-only loss with `num_items_in_batch`).
 
-Gradient accumulation (and processes). The loop divides each micro-batch's loss by
-train.grad_accum_steps, so a step's gradient is that of the MEAN OVER MICRO-BATCHES of their per-token
-losses (and DDP averages that over processes): every micro-batch weighs the same, whatever its
-number of completion tokens. TRL's SFTTrainer (installed: TRL 1.16 on transformers 5.24; transformers
-does this since 4.46) instead divides by `num_items_in_batch`, the completion tokens of the WHOLE
-accumulated step (over all processes), so every token weighs the same. The two agree when train.grad_accum_steps is
-1 on one process, or when the micro-batches hold equally many completion tokens; otherwise
-micro-batches with fewer tokens weigh more per token here. Example: micro-batches A (3 tokens,
-NLL sum 6) and B (1 token, NLL 1): dpokit's step loss is (6/3 + 1/1) / 2 = 1.5, TRL's (6 + 1) / 4 = 1.75
-(tests/unit/test_sft.py checks both the arithmetic and the loop's gradient).
+Gradient accumulation (and processes). Before the step's first forward the loop calls
+`begin_step`, which counts the step's completion tokens and examples (one all-reduce with several
+processes) and sets n_bar = tokens / examples. Each micro-batch's loss is then
+``mean_i(-logps_i / n_bar)``; the loop divides it by train.grad_accum_steps and DDP averages over
+processes, so the step's loss is sum(NLL) / sum(tokens) of the whole step: every token weighs the
+same, and micro_batch 8 on one process, 4 on each of two, and 2 x 2 accumulation steps on two give
+one gradient (equal-size micro-batches). Example: micro-batches A (3 tokens, NLL sum 6) and B (1
+token, NLL 1), one example each: n_bar = 4 / 2 = 2, A's loss 6 / 2 = 3, B's 1 / 2 = 0.5, step loss
+(3 + 0.5) / 2 = 1.75 = (6 + 1) / 4 (a mean of the micro-batches' own per-token losses would give
+(6/3 + 1/1) / 2 = 1.5, and would change with how the step is split). Without `begin_step` (a direct
+`batch_values` call), n_bar is the micro-batch's own.
 
 Metrics. The loop averages per-example `values` over examples (`MetricAccumulator`), so per-token
 quantities are reported as per-example SHARES: example i contributes ``nll_i / n_bar`` with n_bar
 the mean completion tokens per example of the set the loss is a per-token mean over, so the mean
 of the shares over that set is sum(nll) / sum(tokens). Keys (`SFT_KEYS`):
 
-    loss                 per-token NLL. Training rows: the mean over the logged micro-batches of each
-                         one's per-token loss, i.e. the loss that was minimised. Eval rows: the per-token
+    loss                 per-token NLL. Training rows: the mean over the logged steps of each step's
+                         per-token loss, i.e. the loss that was minimised. Eval rows: the per-token
                          NLL over the WHOLE eval set (n_bar of the eval set, from `prepare`), which does not
                          depend on eval batching; TRL's eval_loss averages per-batch per-token losses
                          weighted by batch size, so the two agree when TRL evaluates in one batch.

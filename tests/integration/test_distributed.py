@@ -181,6 +181,7 @@ def test_ddp_precompute_sharded_then_reused_by_one_process(tmp_path: Path, capsy
     _assert_same_run(tmp_path / "one", tmp_path / "ddp")
 
 
+@pytest.mark.slow  # the step-wide normaliser is tested in-process (test_sft.py); bench/equal_work.sh measures it
 def test_sft_ddp_with_accumulation_equals_one_process(tmp_path: Path) -> None:
     """SFT's per-token loss is normalised by the whole step's tokens (all micro-batches, both
     processes), so 2 processes x micro_batch 2 x 2 accumulation steps == micro_batch 8 in one."""

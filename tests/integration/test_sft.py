@@ -186,30 +186,30 @@ def test_packed_equals_padded_values_and_gradients(model_and_examples: tuple[Any
             torch.testing.assert_close(g, results[0][2][name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_accumulated_micro_batches_weigh_equally(model_and_examples: tuple[Any, list[Any]]) -> None:
-    """The loop's step over micro-batches A and B (unequal completion tokens) has the gradient of
-    (loss_A + loss_B) / 2, not TRL's sum(NLL) / all the step's tokens (see dpokit.objectives.sft)."""
+def test_accumulated_micro_batches_weigh_every_token_equally(model_and_examples: tuple[Any, list[Any]]) -> None:
+    """The loop's step (begin_step, then accumulate) over micro-batches A and B (unequal completion
+    tokens) has the gradient of sum(NLL) / all the step's tokens (TRL's normalisation), which is the
+    gradient of one micro-batch holding both: how the step is split does not matter."""
     model, examples = model_and_examples
     objective = SFTObjective(Config())
     collate = objective.build_collator(0, model, torch.device("cpu"))
     a, b = collate(examples[:4]), collate(examples[4:])
     model.zero_grad(set_to_none=True)
+    objective.begin_step([a, b], Dist.local("cpu"))
     accumulate_gradients(make_accelerator("no"), model, objective, [a, b], MetricAccumulator())
     loop = _grads(model)
     model.zero_grad(set_to_none=True)
     scores = [completion_scores(model, x, objective.lm_head_chunk) for x in (a, b)]
-    (
-        (sft_loss(scores[0].logps, scores[0].n_tokens).loss + sft_loss(scores[1].logps, scores[1].n_tokens).loss) / 2
-    ).backward()
-    mean_of_micro_batches = _grads(model)
-    for name, g in loop.items():
-        torch.testing.assert_close(g, mean_of_micro_batches[name], atol=1e-6, rtol=1e-5, msg=name)
     assert scores[0].n_tokens.sum() != scores[1].n_tokens.sum()
-    model.zero_grad(set_to_none=True)
-    scores = [completion_scores(model, x, objective.lm_head_chunk) for x in (a, b)]
     sft_loss(torch.cat([s.logps for s in scores]), torch.cat([s.n_tokens for s in scores])).loss.backward()
-    token_global = _grads(model)  # TRL's normalisation: every token of the step weighs the same
-    assert any(not torch.allclose(g, token_global[n], atol=1e-6) for n, g in loop.items())
+    token_global = _grads(model)
+    for name, g in loop.items():
+        torch.testing.assert_close(g, token_global[name], atol=1e-6, rtol=1e-5, msg=name)
+    model.zero_grad(set_to_none=True)
+    objective.begin_step([collate(examples)], Dist.local("cpu"))
+    accumulate_gradients(make_accelerator("no"), model, objective, [collate(examples)], MetricAccumulator())
+    for name, g in _grads(model).items():  # one micro-batch with all the examples
+        torch.testing.assert_close(g, loop[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_the_output_is_an_ordinary_hf_folder(run: dict[str, Any], tmp_path: Path) -> None:

@@ -76,21 +76,28 @@ def test_loss_is_per_token_over_the_batch_with_the_docstring_values() -> None:
     assert sft_loss(logps.detach(), torch.tensor([3, 1]), mean_tokens=2.5).nll.tolist() == pytest.approx([2.4, 0.4])
 
 
-def test_gradient_accumulation_normalises_per_micro_batch_unlike_trl() -> None:
-    """The loop averages micro-batch losses: A (NLL 6 over 3 tokens) and B (NLL 1 over 1 token) give
-    (6/3 + 1/1) / 2 = 1.5 and per-token weights 1/6 (A) and 1/2 (B); TRL divides the step's NLL by all
-    its tokens: 7/4 = 1.75, every token 1/4. Equal token counts make the two agree."""
+def test_the_step_is_normalised_by_all_its_tokens_like_trl() -> None:
+    """A (NLL 6 over 3 tokens) and B (NLL 1 over 1 token) in one step: begin_step's n_bar = 4 / 2 = 2,
+    losses 6/2 = 3 and 1/2 = 0.5, step loss (3 + 0.5) / 2 = 1.75 = 7 / 4 (TRL's), every token 1/4.
+    (Each micro-batch's own n_bar would give (6/3 + 1/1) / 2 = 1.5.)"""
     a, b = torch.tensor([-6.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)
-    dpokit_step = (sft_loss(a, torch.tensor([3])).loss + sft_loss(b, torch.tensor([1])).loss) / 2
-    dpokit_step.backward()
-    assert dpokit_step.item() == pytest.approx(1.5)
-    assert (a.grad.item(), b.grad.item()) == pytest.approx((-1 / 6, -1 / 2))
-    trl_step = -(a.detach() + b.detach()).sum() / 4
-    assert trl_step.item() == pytest.approx(1.75)
-    equal = (
-        sft_loss(torch.tensor([-6.0]), torch.tensor([2])).loss + sft_loss(torch.tensor([-1.0]), torch.tensor([2])).loss
-    ) / 2
-    assert equal.item() == pytest.approx(7 / 4)
+    step = (sft_loss(a, torch.tensor([3]), mean_tokens=2.0).loss + sft_loss(b, torch.tensor([1]), mean_tokens=2.0).loss) / 2
+    step.backward()
+    assert step.item() == pytest.approx(1.75)
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((-1 / 4, -1 / 4))
+    own = (sft_loss(torch.tensor([-6.0]), torch.tensor([3])).loss + sft_loss(torch.tensor([-1.0]), torch.tensor([1])).loss) / 2
+    assert own.item() == pytest.approx(1.5)
+
+
+def test_begin_step_counts_the_steps_tokens() -> None:
+    from dpokit.dist import Dist
+    from dpokit.objectives.sft import SFTObjective
+
+    objective = SFTObjective(Config())
+    batches = [{"score_index": torch.zeros(4, 3, dtype=torch.long), "example_index": torch.zeros(1)},
+               {"score_index": torch.zeros(4, 1, dtype=torch.long), "example_index": torch.zeros(1)}]  # fmt: skip
+    objective.begin_step(batches, Dist.local("cpu"))
+    assert objective.mean_tokens["train"] == 2.0
 
 
 # ---- rows and tokenisation ---------------------------------------------------------------------
