@@ -223,7 +223,13 @@ def train(
         outputs.discard_if_unused(out, created)  # no empty run folder after a failed start
         raise
     with StopSignals() as signals:
-        stopped = _run_steps(run, state, signals)
+        try:
+            stopped = _run_steps(run, state, signals)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_out_of_memory(exc):
+                raise
+            run.optimizer.zero_grad(set_to_none=True)  # room for the message; the step is lost anyway
+            raise DpokitError(_out_of_memory_message(run, state, exc)) from None
         if stopped is not None:
             return stopped
         return _finish(run, state)
@@ -401,6 +407,36 @@ def _stop_on_bad_steps(run: _Run, state: LoopState) -> None:
         f"little precision (model.dtype is {m.dtype}, train.mixed_precision is {t.mixed_precision}; try "
         f"model.dtype=float32 train.mixed_precision=no). Continue with train.resume=auto after changing them"
     )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text
+
+
+def _out_of_memory_message(run: _Run, state: LoopState, exc: BaseException) -> str:
+    """What ran out and where, what the run can continue from, and what to change. Nothing is saved:
+    the step was half done; the last complete checkpoint stays as it is."""
+    cfg, t = run.cfg, run.cfg.train
+    saved = ckpt.list_checkpoints(run.out / ckpt.CHECKPOINTS)
+    where = (f"The last checkpoint, {saved[-1][1]} (step {saved[-1][0]}), is kept: change one of the settings "
+             "below and run again with train.resume=auto" if saved else
+             "No checkpoint had been written (train.save_every)")  # fmt: skip
+    fixes = []
+    if t.micro_batch_size > 1:
+        fixes.append(f"train.micro_batch_size={t.micro_batch_size // 2} train.grad_accum_steps={t.grad_accum_steps * 2} "
+                     f"(the same {run.objective.unit} per step)")  # fmt: skip
+    if not t.gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing=true (recompute activations in the backward)")
+    if not cfg.lora.enabled:
+        fixes.append("lora.enabled=true (no gradients or optimizer state for the base weights)")
+    if run.objective.name == "dpo" and not cfg.reference.precompute:
+        fixes.append("reference.precompute=true (no reference model while training)")
+    fixes.append(f"data.max_length={cfg.data.max_length // 2} (now {cfg.data.max_length})")
+    reason = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+    return (f"out of memory in step {state.step + 1} on {run.s.dist.device} ({reason}); stopped. {where}. "
+            "To use less memory: " + "; or ".join(fixes))
 
 
 def _stopped(run: _Run, state: LoopState, signum: int, saved: Path) -> TrainResult:

@@ -212,3 +212,55 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(tiny_model_dir: P
         return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
 
     assert drop_speed(_rows(out)) == drop_speed(_rows(reference))
+
+
+_OUT_OF_MEMORY = """
+import resource, sys
+from dpokit.config import Config
+from dpokit.errors import DpokitError
+from dpokit.training.hooks import Hook
+from dpokit.training.loop import train
+
+
+def vmsize():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+
+
+class LimitAddressSpace(Hook):
+    # In step 2 (after step 1's checkpoint): 8 MiB of address space left, and the step needs 64 MiB
+    # more (a tensor the size of a big activation, allocated inside the step).
+
+    def on_micro_batch(self, step, examples):
+        if step == 2:
+            import torch
+
+            resource.setrlimit(resource.RLIMIT_AS, (vmsize() + 8 * 2**20, resource.RLIM_INFINITY))
+            torch.empty(64 * 2**20, dtype=torch.uint8)
+
+
+cfg = Config.from_preset("tiny").override(sys.argv[1:])
+try:
+    train(cfg, hooks=[LimitAddressSpace()])
+except DpokitError as exc:
+    print("DpokitError:", exc)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc: Linux")
+def test_out_of_memory_in_a_step_keeps_the_last_checkpoint_and_says_what_to_change(tmp_path: Path) -> None:
+    """An allocation failure mid-step (simulated: the address space capped in a subprocess) ends the
+    run with one message: the step, the checkpoint it can resume from, the settings that use less."""
+    script = tmp_path / "oom.py"
+    script.write_text(_OUT_OF_MEMORY)
+    out = tmp_path / "run"
+    args = [f"train.output_dir={out}", "model.name_or_path=tiny-random-llama", "data.eval_files=[]",
+            "train.max_steps=3", "train.save_every=1", "train.micro_batch_size=64", "data.max_length=64"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    message = proc.stdout
+    assert "DpokitError: out of memory in step 2 on cpu (" in message, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "can't allocate memory" in message
+    assert f"The last checkpoint, {out / CHECKPOINTS / 'step-00000001'} (step 1), is kept" in message
+    assert "train.micro_batch_size=32 train.grad_accum_steps=2 (the same pairs per step)" in message
+    assert "train.gradient_checkpointing=true" in message and "reference.precompute=true" in message
+    assert [step for step, _ in list_checkpoints(out / CHECKPOINTS)] == [1]
