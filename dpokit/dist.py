@@ -155,6 +155,12 @@ def local_value(tensor: Tensor) -> Tensor:
     return full() if callable(full) else tensor
 
 
+def is_deepspeed_engine(model: Any) -> bool:
+    """Is `model` DeepSpeed's engine (what Accelerate's prepare returns under DeepSpeed)? Checked by
+    class name: deepspeed is an optional extra, not imported here."""
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
 def launched_world() -> int:
     """The number of processes the launcher (torchrun, `accelerate launch`) started: WORLD_SIZE, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -216,10 +222,10 @@ def make_accelerator(
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    world = launched_world()
+    world, deepspeed = launched_world(), deepspeed_requested()
     no_gpu = world > 1 and not torch.cuda.is_available()
-    cpu_group = no_gpu and not deepspeed_requested()
-    if no_gpu and deepspeed_requested():  # Accelerate drops DeepSpeed with cpu=True: name the backend instead
+    cpu_group = no_gpu and not deepspeed
+    if no_gpu and deepspeed:  # Accelerate drops DeepSpeed with cpu=True: name the backend instead
         from accelerate.utils import InitProcessGroupKwargs
 
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dpokit.data.packing import block_causal_mask
+from dpokit.dist import is_deepspeed_engine
 from dpokit.errors import ConfigError
 from dpokit.models import varlen
 from dpokit.models.layout import attn_implementation_of
@@ -39,16 +40,12 @@ def _is_wrapped(model: Any) -> bool:
     prepares the gradient all-reduce there, FSDP gathers the parameter shards)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule)) or _is_deepspeed(model)
-
-
-def _is_deepspeed(model: Any) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"  # by name: deepspeed is an optional extra
+    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, FSDPModule)) or is_deepspeed_engine(model)
 
 
 def _unwrapped(model: Any) -> Any:
     """The module inside a DDP / DeepSpeed wrapper (an FSDP2 module is its own)."""
-    wrapper = isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_deepspeed(model)
+    wrapper = isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_deepspeed_engine(model)
     return model.module if wrapper else model
 
 

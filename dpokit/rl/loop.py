@@ -27,7 +27,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -42,6 +41,7 @@ from torch import Tensor
 
 from dpokit.config import Config
 from dpokit.data.files import read_prompts
+from dpokit.dist import launched_world
 from dpokit.errors import DpokitError
 from dpokit.eval.generate_eval import generation_config
 from dpokit.eval.judges import RowJudge, load_judge
@@ -127,7 +127,7 @@ class _Run:
 def train_rl(cfg: Config, log: Callable[[str], Any] = print) -> RLResult:
     """Run `dpokit rl` with ``cfg`` (rl.* for the algorithm, train.* for steps, lr, batches, output)."""
     cfg.validate()
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate launch
+    world = launched_world()  # set by torchrun / accelerate launch
     if world > 1:
         raise DpokitError(f"dpokit rl runs in one process, and this one is 1 of {world} (WORLD_SIZE={world}): "
                           "launch it without torchrun / accelerate launch. Multi-process RL would need the rollouts "

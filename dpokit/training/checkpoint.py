@@ -22,7 +22,7 @@ written and fsynced, so a folder named ``step-*`` is complete unless the disk it
 `load_checkpoint` still re-checks it (meta, file sizes, readable tensors) and refuses it with a
 reason, so the caller can fall back to the previous one.
 
-Only the standard library, numpy, torch and safetensors are imported (no transformers).
+Only the standard library, numpy, torch, safetensors and `dpokit.dist` are imported (no transformers).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpokit.dist import is_deepspeed_engine
 from dpokit.errors import DpokitError
 
 CHECKPOINTS = "checkpoints"  # folder under train.output_dir
@@ -196,7 +197,7 @@ def write_sharded(tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
     or DeepSpeed's engine, which writes its own partitioned format there."""
     import torch.distributed.checkpoint as dcp
 
-    if _is_deepspeed(model):
+    if is_deepspeed_engine(model):
         model.save_checkpoint(str(tmp / SHARDED), tag=_DS_TAG, exclude_frozen_parameters=True)
         return
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
@@ -205,17 +206,13 @@ def write_sharded(tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
 _DS_TAG = "state"  # DeepSpeed's sub-folder name inside sharded/
 
 
-def _is_deepspeed(model: Any) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"  # by name: deepspeed is an optional extra
-
-
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any) -> None:
     """Read ``path/sharded`` into the wrapped model and its optimizer, each process its shards
     (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    if _is_deepspeed(model):
+    if is_deepspeed_engine(model):
         loaded, _ = model.load_checkpoint(str(path / SHARDED), tag=_DS_TAG, load_module_strict=False)
         if loaded is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load its sharded state")

@@ -30,7 +30,7 @@ from torch import Tensor
 from dpokit.config import Config
 from dpokit.data.files import data_files, write_rows
 from dpokit.data.stream import ExampleStream
-from dpokit.dist import Dist, local_value, make_accelerator
+from dpokit.dist import Dist, local_value, make_accelerator, strategy
 from dpokit.errors import DpokitError
 from dpokit.models.forward import LM_HEAD_CHUNK
 from dpokit.models.layout import attn_implementation_of
@@ -80,7 +80,7 @@ def accumulate_gradients(
     n = len(micro_batches)
     # DeepSpeed's engine divides by its gradient_accumulation_steps (= n) itself, and steps (clip,
     # update, zero) inside the backward of the micro-batch Accelerate marks as the last one.
-    deepspeed = acc.distributed_type.name == "DEEPSPEED"
+    deepspeed = strategy(acc) == "deepspeed"
     for i, batch_cpu in enumerate(micro_batches):
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch_cpu.items()}
         sync = i == n - 1  # all-reduce gradients across processes only on the last micro-batch
@@ -112,7 +112,7 @@ def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
     t = cfg.train
     accelerator = make_accelerator(t.mixed_precision, t.micro_batch_size, t.grad_accum_steps, t.max_grad_norm)
     dist = Dist.from_accelerator(accelerator)
-    if dist.world > 1 or dist.strategy != "single":
+    if dist.strategy != "single":
         dist.print(f"{dist.world} processes, {dist.strategy}")
     set_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
