@@ -276,7 +276,7 @@ def summarize(runs: list[dict[str, Any]], peaks: dict[str, float]) -> dict[str, 
     if not ok:
         return {"ok": False, "error": (runs[-1].get("error") if runs else "no run")}
     s: dict[str, Any] = {"ok": True, "n": len(ok)}
-    for key in ("pairs_per_s", "tokens_per_s", "flops_per_s", "peak_mem_bytes", "setup_s", "step_s"):
+    for key in ("pairs_per_s", "tokens_per_s", "flops_per_s", "peak_mem_bytes", "plan_bytes", "setup_s", "step_s"):
         s[key] = median([r.get(key, float("nan")) for r in ok])
     s["tokens_spread"] = spread([r["tokens_per_s"] for r in ok])
     peak = peaks.get(ok[0].get("matmul_dtype", "fp32"))
@@ -292,8 +292,8 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     Each row dict: workload, mode, dpokit (summary), trl (summary).
     """
     head = ("| workload | mode | dpokit pairs/s | TRL pairs/s | dpokit tok/s | TRL tok/s | **tok/s ratio** "
-            "| dpokit MFU | TRL MFU | dpokit peak mem | TRL peak mem | mem ratio | spread d/T |")
-    lines = [head, "|" + "---|" * 13]
+            "| dpokit MFU | TRL MFU | dpokit peak mem | TRL peak mem | mem ratio | dpokit plan (error) | spread d/T |")
+    lines = [head, "|" + "---|" * 14]
     for row in rows:
         d, t = row["dpokit"], row["trl"]
 
@@ -307,9 +307,17 @@ def results_table(rows: list[dict[str, Any]]) -> str:
             f"| {fmt_num(get(d, 'tokens_per_s'))} | {fmt_num(get(t, 'tokens_per_s'))} "
             f"| **{fmt_ratio(ratio(get(d, 'tokens_per_s'), get(t, 'tokens_per_s')))}** | {mfu(d)} | {mfu(t)} "
             f"| {fmt_bytes(get(d, 'peak_mem_bytes'))} | {fmt_bytes(get(t, 'peak_mem_bytes'))} "
-            f"| {fmt_ratio(ratio(get(d, 'peak_mem_bytes'), get(t, 'peak_mem_bytes')))} | {spr} |"
+            f"| {fmt_ratio(ratio(get(d, 'peak_mem_bytes'), get(t, 'peak_mem_bytes')))} "
+            f"| {_plan_cell(get(d, 'plan_bytes'), get(d, 'peak_mem_bytes'))} | {spr} |"
         )
     return "\n".join(lines)
+
+
+def _plan_cell(plan: float, peak: float) -> str:
+    """dpokit's memory plan and its error against the measured peak: "2.71 GiB (+4%)"."""
+    if plan is None or peak is None or math.isnan(plan) or math.isnan(peak) or not peak:
+        return "-"
+    return f"{fmt_bytes(plan)} ({100 * (plan / peak - 1):+.0f}%)"
 
 
 def failures(rows: list[dict[str, Any]]) -> list[str]:

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # `python bench/compare.py`: make `bench` importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from dpokit import allocator  # noqa: E402 - standard library only
 
 REPO = common.REPO
 
@@ -81,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, few steps: a < 3 min smoke run")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--workloads", help=f"comma list of: {', '.join(WORKLOADS)}")
-    ap.add_argument("--modes", default="defaults,best", help="comma list of: defaults, best")
+    ap.add_argument("--modes", default="defaults,budget,best",
+                    help="comma list of: defaults, budget (dpokit's defaults with train.memory_budget = TRL's measured "
+                    "peak at its defaults in the same repeat; needs defaults), best")  # fmt: skip
     ap.add_argument("--repeats", type=int, help="A/B repeats per (workload, mode)")
     ap.add_argument("--micro-batch", type=int, help="pairs per forward")
     ap.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -126,8 +129,11 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
     prof["modes"] = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if set(prof["modes"]) - {"defaults", "best"}:
-        raise SystemExit("--modes takes defaults and/or best")
+    if set(prof["modes"]) - {"defaults", "budget", "best"}:
+        raise SystemExit("--modes takes defaults, budget and/or best")
+    if "budget" in prof["modes"] and ("defaults" not in prof["modes"] or
+                                      prof["modes"].index("defaults") > prof["modes"].index("budget")):
+        raise SystemExit("--modes: budget reads TRL's peak at its defaults: list defaults before it")
     if prof["warmup"] < 1:
         raise SystemExit("--warmup must be >= 1")
     prof["precision"] = args.precision if args.precision != "auto" else ("bf16" if args.device == "cuda" else "fp32")
@@ -155,10 +161,12 @@ def worker_env(run_dir: Path, cache: Path | None) -> dict[str, str]:
 def run_worker(module: str, payload: str, run_dir: Path, cache: Path | None, timeout: int) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", module, payload]
+    env = worker_env(run_dir, cache)
+    if module == "bench.workers.dpokit_worker":  # the allocator `dpokit train` runs on (dpokit.allocator)
+        env = allocator.preload_env(env) or env
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=worker_env(run_dir, cache), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         (run_dir / "log.txt").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
         return {"ok": False, "error": f"timed out after {timeout} s (log: {run_dir / 'log.txt'})"}
@@ -208,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     all_runs, per_tool, specs_seen, skipped_runs = _run_all(args, prof, folders, root, cache, t_begin)
     table_rows = [{"workload": w, "mode": mode,
                    "dpokit": common.summarize(per_tool.get((w, mode, "dpokit"), []), peaks),
-                   "trl": common.summarize(per_tool.get((w, mode, "trl"), []), peaks)}
+                   "trl": common.summarize(per_tool.get((w, "defaults" if mode == "budget" else mode, "trl"), []),
+                                           peaks)}
                   for w in prof["workloads"] for mode in prof["modes"]]  # fmt: skip
     total_s = time.perf_counter() - t_begin
     print("\n" + common.results_table(table_rows) + "\n")
@@ -254,12 +263,16 @@ def _run_all(args: argparse.Namespace, prof: dict[str, Any], folders: dict[str, 
         for w in prof["workloads"]:
             for mode in prof["modes"]:
                 for tool in ("dpokit", "trl"):  # alternating A B A B
+                    budget_flags = _budget_flags(per_tool, w, rep) if mode == "budget" else []
+                    if mode == "budget" and (tool == "trl" or not budget_flags):
+                        continue  # TRL's side of the budget row is its defaults run
                     estimate = max([r.get("process_s", 0) for r in all_runs if r["workload"] == w] or [0])
                     if budget_s and time.perf_counter() - t_begin + estimate > budget_s:
                         print(f"{w:16s} {mode:8s} {tool:6s} #{rep}: skipped (--budget-min {prof['budget_min']})")
                         skipped_runs.append(f"{w} / {mode} / {tool} repeat {rep}")
                         continue
                     spec = _spec(args, prof, folders, root, w, mode, tool, rep)
+                    spec.extra = list(spec.extra) + budget_flags
                     specs_seen[w] = dataclasses.asdict(spec)
                     module = "bench.workers.dpokit_worker" if tool == "dpokit" else "bench.workers.trl_worker"
                     res = run_worker(module, spec.to_json(), Path(spec.run_dir), cache, args.timeout)
@@ -268,6 +281,12 @@ def _run_all(args: argparse.Namespace, prof: dict[str, Any], folders: dict[str, 
                     all_runs.append(res)
                     _print_run(res, w, mode, tool, rep)
     return all_runs, per_tool, specs_seen, skipped_runs
+
+
+def _budget_flags(per_tool: dict[tuple[str, str, str], list[dict[str, Any]]], w: str, rep: int) -> list[str]:
+    """dpokit's budget mode: train.memory_budget = TRL's measured peak at its defaults, this repeat."""
+    trl = [r for r in per_tool.get((w, "defaults", "trl"), []) if r.get("ok") and r["repeat"] == rep]
+    return [f"train.memory_budget={trl[0]['peak_mem_bytes'] / 2**30:.4f}"] if trl else []
 
 
 def _spec(args: argparse.Namespace, prof: dict[str, Any], folders: dict[str, Path], root: Path, w: str, mode: str,
@@ -358,7 +377,14 @@ modes; `--budget-min` skips runs that would end past the budget (repeat-major or
   that skips work (padding, the repeated prompt) shows it as more tokens per second. `pairs/s` is the
   pairs of the timed steps over the window.
 * **Peak memory**: on CPU the process's peak resident set (`VmHWM`, whole run including loading);
-  on CUDA `torch.cuda.max_memory_allocated()` over the whole run.
+  on CUDA `torch.cuda.max_memory_allocated()` over the whole run. On CPU the dpokit worker runs on
+  mimalloc, preloaded as `dpokit train` does (`dpokit/allocator.py`); the TRL worker on glibc's
+  malloc, as a TRL script does.
+* **Plan** (dpokit): `dpokit plan`'s estimate (`dpokit/training/memory.py`) for the micro-batches the
+  run took, with the checkpointing it chose; the percentage is its error against the measured peak.
+* **budget** mode: dpokit at its defaults with `train.memory_budget` = TRL's measured peak at its
+  defaults in the same repeat (so `gradient_checkpointing: auto` must fit where TRL fits), against
+  that TRL run.
 * **MFU** = achieved model FLOP/s / the matmul peak measured in the same invocation (best of several
   square GEMMs; fp32 runs against the fp32 peak, bf16 runs against the bf16 peak).
 

@@ -65,6 +65,8 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
             f"e.g. `dpokit {command} --preset {example_preset} train.lr=1e-5`"
         )
     cfg = _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
+    if args.own_process:  # the command line's process, not main() called from Python (a test)
+        launch.maybe_preload_allocator(args.argv)
     launch.maybe_relaunch(command, args.argv, args.num_processes, args.accelerate_config)
     from dpokit.rl.loop import train_rl
     from dpokit.training.loop import OBJECTIVES, train
@@ -90,6 +92,19 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
 def cmd_train(args: argparse.Namespace) -> int:
     """`dpokit train`: DPO (or a variant, loss.type) on preference pairs."""
     return _training_command(args, "train", "tiny", "{steps} steps")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`dpokit plan`: the memory plan of a config (dpokit.apps.plan; imports torch, so only when it runs)."""
+    from dpokit.apps.plan import plan_command
+
+    return plan_command(args, _config_of(args))
+
+
+def _config_of(args: argparse.Namespace) -> Config:
+    """The validated config of a command with --preset, CONFIG and overrides (as `dpokit train`)."""
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    return _validated(_load_config(config, overrides, args.preset), config, overrides, args.preset)
 
 
 def cmd_reward(args: argparse.Namespace) -> int:
@@ -254,6 +269,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`dpokit demo`, where --preset NAME stands for --config <that preset's file>."""
     from dpokit.apps import demo
 
+    if args.own_process:  # mimalloc for the CPU training (dpokit.allocator)
+        launch.maybe_preload_allocator(args.argv)
     if args.preset is not None:
         if args.config != demo.DEFAULT_CONFIG:
             raise ConfigError("dpokit demo: give --config FILE or --preset NAME, not both")
@@ -334,6 +351,20 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
     from dpokit.apps import bon, compare, demo, pairs
 
+    pl = sub.add_parser("plan", help="estimate a run's peak memory from the model's config and the data, before training")
+    pl.intermixed = True
+    pl.add_argument("--preset", metavar="NAME", default=None, help=f"start from a shipped config ({', '.join(resources.presets())})")
+    pl.add_argument("config", nargs="?", default=None, help="YAML config (as for train); optional with --preset")
+    pl.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.micro_batch_size=8")
+    pl.add_argument("--for", dest="for_command", default="train", choices=["train", "sft", "reward"],
+                    help="the command the config is for (default train: DPO)")  # fmt: skip
+    pl.add_argument("--num-processes", type=int, default=1, metavar="N",
+                    help="processes (GPUs) of the run; the strategy table is per process at N (default 1: at 8)")  # fmt: skip
+    pl.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="plan for this device (default: CUDA if there is one, else CPU)")  # fmt: skip
+    pl.add_argument("--json", action="store_true", help="print the plans as JSON")
+    pl.set_defaults(func=cmd_plan)
+
     bp = sub.add_parser("bon", help="best-of-N baseline: sample N, keep the reward's best, judge it, KL bound")
     bon.add_bon_arguments(bp)
     bp.set_defaults(func=bon.bon_command)
@@ -380,11 +411,13 @@ def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the command line's own process: only then may it re-run itself (dpokit.launch)
     given = list(sys.argv[1:] if argv is None else argv)
     argv, debug = _pop_debug(given)
     debug = debug or os.environ.get("DPOKIT_DEBUG") == "1"
     args = build_parser().parse_args(argv)
     args.argv = given  # as given: `--num-processes N` re-runs the command with these (dpokit.launch)
+    args.own_process = own_process
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)

@@ -172,6 +172,11 @@ class LoraConfig:
         "module names that get adapters (or ['all-linear'])",
     )
     merge: bool = _f(False, "also save a merged full model (output_dir/merged)")
+    quantize: Literal["none", "int8", "nf4"] = _f(
+        "none",
+        "store the frozen base weights quantised (QLoRA): int8 or nf4 (4-bit NormalFloat), through torchao "
+        "(pip install 'dpokit[quant]'); the adapters train in the compute dtype",
+    )
 
 
 @dataclass
@@ -259,14 +264,29 @@ class TrainConfig:
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step; pairs/step = micro_batch_size * this * world")
     eval_batch_size: int = _f(8, "pairs per forward pass during evaluation")
     lr: float = _f(5e-6, "peak learning rate")
-    optimizer: Literal["adamw", "rmsprop"] = _f("adamw", "optimizer")
+    optimizer: Literal["adamw", "rmsprop", "adamw8bit"] = _f(
+        "adamw",
+        "optimizer; adamw8bit = AdamW with 8-bit moments (torchao; pip install 'dpokit[quant]'): a quarter of "
+        "AdamW's state memory",
+    )
     weight_decay: float = _f(0.0, "decoupled weight decay (adamw)")
     warmup_steps: int = _f(0, "linear warm-up steps from 0 to lr")
     scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warm-up (to 0 at the last step)")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
     seed: int = _f(42, "seed for data order, LoRA init and dropout")
     mixed_precision: Literal["no", "bf16"] = _f("no", "bf16 autocast for the forward (log-probs and loss stay fp32)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool | int | Literal["auto"] = _f(
+        "auto",
+        "recompute activations in the backward to save memory: true = every decoder layer, false = none, an "
+        "integer k = every k-th layer (1 = all); auto = off when the memory plan fits train.memory_budget, else "
+        "the fewest layers that make it fit (every 4th, 3rd, 2nd, then all), logged with the plan's numbers",
+    )
+    memory_budget: float | Literal["auto"] = _f(
+        "auto",
+        "GiB one process may use (weights, gradients, optimizer state, reference, activations); auto = the "
+        "device's free memory (CUDA free memory, else available RAM) less a margin. The plan (`dpokit plan`) "
+        "chooses train.gradient_checkpointing=auto against it and refuses a run that cannot fit",
+    )
     log_every: int = _f(10, "optimizer steps between log lines / metrics.jsonl rows")
     eval_every: int = _f(0, "optimizer steps between evaluations (0 = only at the end)")
     save_every: int = _f(0, "optimizer steps between checkpoints (0 = only the final model)")
@@ -448,6 +468,22 @@ class Config:
             (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+            (
+                isinstance(t.gradient_checkpointing, (bool, str)) or t.gradient_checkpointing >= 1,
+                "train.gradient_checkpointing must be true, false, auto or an integer k >= 1 (every k-th layer)",
+            ),
+            (t.memory_budget == "auto" or t.memory_budget > 0, "train.memory_budget must be auto or a number of GiB > 0"),
+            (lora.quantize == "none" or lora.enabled, "lora.quantize quantises the frozen base of a LoRA run: set lora.enabled=true"),
+            (
+                lora.quantize == "none" or not lora.merge,
+                "lora.merge needs the full-precision base; with lora.quantize the adapter is saved alone (merge it "
+                "onto the original base afterwards with peft's merge_and_unload)",
+            ),
+            (
+                lora.quantize == "none" or self.reference.mode != "copy",
+                "reference.mode=copy with lora.quantize would copy the quantised base; use reference.mode=adapter "
+                "(the default with LoRA: the same base with the adapters off)",
+            ),
             (t.resume is not True and t.resume != "", "train.resume must be no, auto or a checkpoint folder"),
             (lora.r >= 1 and lora.alpha > 0, "lora.r must be >= 1 and lora.alpha > 0"),
             (0.0 <= lora.dropout < 1.0, "lora.dropout must be in [0, 1)"),

@@ -129,6 +129,18 @@ class Dist:
             return 0
         return int(self.accelerator.state.deepspeed_plugin.zero_stage)
 
+    @property
+    def memory_strategy(self) -> str:
+        """The strategy as the memory plan names it: single, ddp, fsdp, zero2 or zero3 (ZeRO-1 counts as 2)."""
+        if self.strategy == "deepspeed":
+            return "zero3" if self.zero_stage == 3 else "zero2"
+        return self.strategy
+
+    @property
+    def local_world(self) -> int:
+        """Processes on this machine (they share its RAM): torchrun / Accelerate's LOCAL_WORLD_SIZE."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.world > 1 else 1
+
     def print(self, message: str) -> None:
         """Print on the main process only."""
         if self.is_main:

@@ -18,7 +18,7 @@ import shlex
 import socket
 import sys
 
-from dpokit import resources
+from dpokit import allocator, resources
 from dpokit.errors import ConfigError, DpokitError
 
 NUM_PROCESSES_FLAG = "--num-processes"
@@ -86,6 +86,18 @@ def launch_flags() -> list[str]:
 def is_main_process() -> bool:
     """Whether this process prints a command's closing line: the only one, or rank 0 of a launch."""
     return os.environ.get("RANK", "0") in ("", "0")
+
+
+def maybe_preload_allocator(argv: list[str]) -> None:
+    """Re-run `dpokit <argv>` once with mimalloc preloaded (`dpokit.allocator`: a CPU run's freed
+    activations go back to the system); returns when there is nothing to do. Does not return when
+    it re-runs: the process is replaced, before anything heavy was imported."""
+    env = allocator.preload_env(os.environ)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "dpokit", *argv], env)
 
 
 def maybe_relaunch(command: str, argv: list[str], num_processes: int, accelerate_config: str | None) -> None:

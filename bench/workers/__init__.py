@@ -93,6 +93,7 @@ def finish(spec: Any, raw: dict[str, Any], t_start: float) -> dict[str, Any]:
         "setup_s": stamps[0] - raw["t_train"] - (elapsed / spec.timed_steps),  # load, tokenize, precompute
         "wall_s": time.perf_counter() - t_start,
         "peak_mem_bytes": peak,
+        "plan_bytes": raw.get("plan_bytes", float("nan")),  # dpokit's memory plan of the batches it ran
         "mem_kind": mem_kind,
         "ref_forward": raw["ref_forward"],
         "flags": raw["flags"],

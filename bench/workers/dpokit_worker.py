@@ -63,12 +63,14 @@ class _Probe(Hook):
         self.stamps: list[float] = []  # wall time at the end of each optimizer step
         self.micro: list[list[tuple[int, int, int]]] = []  # (prompt, chosen, rejected) lengths per micro-batch
         self.layout: dict[str, str] = {}  # what `auto` resolved to
+        self.batches: list[list[Any]] = []  # every micro-batch's examples, for the memory plan of what ran
 
     def on_setup(self, info: dict[str, str]) -> None:
         self.layout.update(info)
 
     def on_micro_batch(self, step: int, examples: list[Any]) -> None:
         self.micro.append([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in examples])
+        self.batches.append(list(examples))
 
     def on_step_end(self, step: int, row: dict[str, Any] | None) -> None:
         if self.cuda:
@@ -82,8 +84,11 @@ def run(spec: Any) -> dict[str, Any]:
     import torch
 
     from bench.workers import prepare
+    from dpokit import allocator
+    from dpokit.apps.plan import build_inputs
     from dpokit.config import Config
     from dpokit.objectives.dpo import reference_mode
+    from dpokit.training import memory
     from dpokit.training.loop import train
 
     cuda, run_dir, rows = prepare(spec)
@@ -105,7 +110,12 @@ def run(spec: Any) -> dict[str, Any]:
     applied = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in spec.extra}
 
     ref_forward = reference_mode(cfg) != "none" and not cfg.reference.precompute
+    # dpokit's memory plan for the micro-batches this run took, checkpointing as it chose: the plan column
+    inputs = build_inputs(cfg, "train", torch.device(spec.device))
+    inputs.allocator = allocator.active()  # the one this run trained on
+    planned = memory.plan_of_batches(inputs, probe.batches, int(layout.get("checkpoint_every", "0")))
     return {
+        "plan_bytes": planned.total,
         "stamps": stamps,
         "steps_pairs": steps,
         "t_train": t_train,
@@ -116,11 +126,12 @@ def run(spec: Any) -> dict[str, Any]:
             "group_by_length": getattr(cfg.data, "group_by_length", None),
             "packing": getattr(cfg.data, "packing", None),
             "prefix_sharing": getattr(cfg.data, "prefix_sharing", None),
-            **layout,
+            **{k: v for k, v in layout.items() if k not in ("memory_plan_bytes", "checkpoint_every")},
             "reference.precompute": cfg.reference.precompute,
             "mixed_precision": cfg.train.mixed_precision,
             "model.dtype": cfg.model.dtype,
-            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "gradient_checkpointing": f"{cfg.train.gradient_checkpointing} ({layout.get('gradient_checkpointing')})",
+            "memory_budget": cfg.train.memory_budget,
             "pad_to_multiple_of": cfg.data.pad_to_multiple_of,
         },
         "steps_done": result.steps,

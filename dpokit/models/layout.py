@@ -29,7 +29,7 @@ def attention_cost_tokens(model: Any) -> float:
     Infinite for flash attention and dpokit's varlen (no work across sequences). A rough model: 4096 when the
     config does not name the usual sizes.
     """
-    conf = _base_config(model)
+    conf = base_config(model)
     if any(k in attn_implementation_of(model) for k in ("flash", "varlen")):
         return math.inf
     try:
@@ -66,7 +66,7 @@ def build_collator(
     )
 
 
-def _base_config(model: Any) -> Any:
+def base_config(model: Any) -> Any:
     """The transformers config of a possibly DDP- / PEFT-wrapped model (None if it has none)."""
     base = getattr(model, "module", model)  # DDP
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
@@ -75,7 +75,7 @@ def _base_config(model: Any) -> Any:
 
 def attn_implementation_of(model: Any) -> str:
     """The attention kernel the (possibly DDP- / PEFT-wrapped) model runs with; sdpa if it does not say."""
-    return str(getattr(_base_config(model), "_attn_implementation", None) or "sdpa")
+    return str(getattr(base_config(model), "_attn_implementation", None) or "sdpa")
 
 
 def _sliding_window(conf: Any) -> int | None:
@@ -94,7 +94,7 @@ def resolve_prefix_sharing(data: DataConfig, model: Any = None, device: torch.de
     Sharing replaces the model's own mask, so a sliding window shorter than `max_length` would be
     lost: auto is off for such a model, and an explicit true is refused.
     """
-    conf = _base_config(model) if model is not None else None
+    conf = base_config(model) if model is not None else None
     window = _sliding_window(conf)
     if window is not None and window < data.max_length:
         if data.prefix_sharing is True:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from dpokit.config import Config
 from dpokit.errors import ConfigError
-from dpokit.models import sources, varlen
+from dpokit.models import quantize, sources, varlen
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -73,20 +74,50 @@ def load_model_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype)
     return model, tokenizer
 
 
+def load_config_and_tokenizer(name_or_path: str, cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The model's transformers config (attention kernel resolved as `load_model_and_tokenizer`
+    would) and its tokenizer, without loading weights: what the memory plan needs."""
+    source = sources.materialize_gguf(
+        sources.resolve_source(name_or_path, cfg.model.allow_pickle, cfg.model.trust_remote_code)
+    )
+    conf = transformers.AutoConfig.from_pretrained(str(source.path), trust_remote_code=cfg.model.trust_remote_code)
+    conf._attn_implementation = resolve_attn_implementation(cfg, dtype)
+    return conf, sources.load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+
+
 def prepare_for_training(model: Any, cfg: Config) -> None:
-    """Before wrapping with LoRA: no KV cache (useless in training, costs memory) and, with
-    train.gradient_checkpointing, activations recomputed in backward (inputs then need grads for
-    checkpointed segments to see a gradient when the embeddings are frozen, as under LoRA)."""
+    """Before wrapping with LoRA: no KV cache (useless in training, costs memory). Checkpointing is
+    applied later (`apply_checkpointing`), once the memory plan has chosen it."""
     model.config.use_cache = False
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+
+
+def fixed_checkpointing(setting: bool | int | str) -> int:
+    """train.gradient_checkpointing as every-k-th-layer (0 = off) where no memory plan resolves
+    auto (dpokit rl): auto is off there."""
+    if setting is True:
+        return 1
+    return setting if isinstance(setting, int) and not isinstance(setting, bool) else 0
+
+
+def apply_checkpointing(model: Any, every: int) -> None:
+    """Recompute the activations of every `every`-th decoder layer in the backward (0: none; 1: all).
+
+    Works on the bare or the LoRA-wrapped model. Non-reentrant checkpointing; the inputs are made
+    to require grad so that checkpointed segments see a gradient when the embeddings are frozen
+    (LoRA)."""
+    if every <= 0:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
+    base.enable_input_require_grads()
 
 
 def load_policy(cfg: Config, dtype: torch.dtype) -> tuple[Any, Any]:
     """The trainable model (LoRA-wrapped when enabled) and its tokenizer."""
     model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cfg, dtype)
     prepare_for_training(model, cfg)
+    if cfg.lora.quantize != "none":  # QLoRA: the frozen base stored in int8 / nf4, before peft wraps it
+        quantize.quantize_base(model, cfg.lora.quantize)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     return model, tokenizer

@@ -80,8 +80,8 @@ def build_reference(
         ref = copy.deepcopy(policy)
     ref.requires_grad_(False)
     ref.eval()
-    if cfg.train.gradient_checkpointing:  # the reference never runs backward
-        ref.gradient_checkpointing_disable()
+    if getattr(ref, "is_activation_checkpointing", False):  # the reference never runs backward
+        ref.activation_checkpointing_disable()
     return Reference("copy", model=ref, lm_head_chunk=lm_head_chunk)
 
 

@@ -98,6 +98,10 @@ class Objective:
         """Tokens of the longest row this example puts in a padded batch (length grouping, inference order)."""
         raise NotImplementedError
 
+    def memory_reference(self) -> str:
+        """What the memory plan counts for a reference: copy | adapter | precompute | none."""
+        return "none"
+
     def build_collator(self, pad_token_id: int, model: Any, device: torch.device) -> Any:
         """A callable ``list[example] -> batch`` with a `describe()` line for the run log."""
         raise NotImplementedError

@@ -180,6 +180,10 @@ class DPOObjective(Objective):
     def example_length(self, example: TokenizedPair) -> int:
         return pair_length(example)
 
+    def memory_reference(self) -> str:
+        mode = reference_mode(self.cfg)
+        return "precompute" if self.cfg.reference.precompute and mode != "none" else mode
+
     def build_collator(self, pad_token_id: int, model: Any, device: torch.device) -> Any:
         # padded [chosen; rejected] rows, or packed / prefix-shared rows (data.packing / data.prefix_sharing)
         return layout.build_collator(self.cfg.data, pad_token_id, model, device)  # the model sizes packed rows

@@ -46,7 +46,7 @@ from dpokit.errors import DpokitError
 from dpokit.eval.generate_eval import generation_config
 from dpokit.eval.judges import RowJudge, load_judge
 from dpokit.eval.sampling import generate_samples, render_prompt
-from dpokit.models.loading import load_policy, resolve_dtype, save_final
+from dpokit.models.loading import apply_checkpointing, fixed_checkpointing, load_policy, resolve_dtype, save_final
 from dpokit.models.reward import disable_dropout, load_value_model
 from dpokit.rl import losses as L
 from dpokit.rl.rollout import (
@@ -179,6 +179,10 @@ def _start(cfg: Config, out: Path, prompt_rows: list[str], log: Callable[[str], 
     reference = None
     if not cfg.lora.enabled:  # full fine-tuning: a frozen copy of the starting policy
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    every = fixed_checkpointing(cfg.train.gradient_checkpointing)  # no memory plan here: auto is off
+    for m in (policy, value):
+        if m is not None:
+            apply_checkpointing(m, every)
     model = PolicyAndValue(policy, value)
     per_step = cfg.rl.ppo_epochs * cfg.rl.num_minibatches
     steps = _total_steps(cfg, len(prompts))

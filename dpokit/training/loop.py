@@ -33,16 +33,16 @@ from dpokit.data.stream import ExampleStream
 from dpokit.dist import Dist, local_value, make_accelerator, strategy
 from dpokit.errors import DpokitError
 from dpokit.models.forward import LM_HEAD_CHUNK
-from dpokit.models.layout import attn_implementation_of
-from dpokit.models.loading import resolve_dtype
+from dpokit.models.layout import attn_implementation_of, base_config
+from dpokit.models.loading import apply_checkpointing, resolve_dtype
 from dpokit.objectives.base import MetricAccumulator, Objective, ObjectiveSetup, evaluate_examples
 from dpokit.objectives.dpo import DPOObjective
 from dpokit.objectives.reward import RewardObjective
 from dpokit.objectives.sft import SFTObjective
 from dpokit.training import card as cards
 from dpokit.training import checkpoint as ckpt
+from dpokit.training import memory, outputs
 from dpokit.training import metrics as M
-from dpokit.training import outputs
 from dpokit.training.hooks import Hook
 from dpokit.training.optim import build_optimizer, build_scheduler, total_steps
 from dpokit.training.signals import StopSignals
@@ -104,6 +104,7 @@ class Setup:
     collator: Any
     lm_head_chunk: int
     summaries: dict[str, Any] = field(default_factory=dict)  # split -> the objective's data summary (model card)
+    plan: memory.MemoryPlan | None = None  # the memory plan the run was set up with
 
 
 def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
@@ -138,10 +139,27 @@ def setup(cfg: Config, out: Path, objective: Objective) -> Setup:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = objective.build_collator(pad_id, policy, accelerator.device)
     dist.print(f"batches: {collator.describe()}")
+    plan = _plan_memory(cfg, objective, policy, dtype, dist, collator, train_examples, lm_head_chunk)
+    apply_checkpointing(policy, plan.checkpoint_every)  # before the reference copy, which turns it off again
     splits = {"train": train_examples, "eval": eval_examples}
     objective.prepare(ObjectiveSetup(policy, tokenizer, dtype, dist, collator, lm_head_chunk, splits))
     return Setup(accelerator, dist, policy, tokenizer, train_examples, eval_examples, collator, lm_head_chunk,
-                 summaries)
+                 summaries, plan)
+
+
+def _plan_memory(cfg: Config, objective: Objective, policy: Any, dtype: torch.dtype, dist: Dist, collator: Any,
+                 examples: list[Any], lm_head_chunk: int) -> memory.MemoryPlan:  # fmt: skip
+    """The memory plan of this run on this process; it resolves train.gradient_checkpointing=auto
+    against train.memory_budget, and a run that cannot fit stops here, before its first step."""
+    inputs = memory.RunInputs(cfg, base_config(policy), dtype, dist.device, objective.name,
+                              objective.memory_reference(), examples, objective.example_length, collator,
+                              lm_head_chunk, dist.memory_strategy, dist.world)  # fmt: skip
+    budget = memory.resolve_budget(cfg.train.memory_budget, dist.device, dist.local_world)
+    plan = memory.plan_run(inputs, budget)
+    if not plan.fits:
+        raise memory.refusal(plan, cfg, objective.unit)
+    dist.print(plan.summary())
+    return plan
 
 
 # ---- the loop ---------------------------------------------------------------------------
@@ -280,7 +298,10 @@ def _start(cfg: Config, out: Path, objective: Objective, hooks: Sequence[Hook]) 
     run.bar_on = t.progress_bar and s.dist.is_main and sys.stderr.isatty()
     run.bar = M.progress_bar(steps, enabled=run.bar_on, initial=state.step, desc=objective.name)
     for hook in hooks:
-        hook.on_setup({"batches": s.collator.describe(), "attention": attn_implementation_of(policy)})
+        hook.on_setup({"batches": s.collator.describe(), "attention": attn_implementation_of(policy),
+                       "gradient_checkpointing": memory.describe_checkpointing(s.plan.checkpoint_every if s.plan else 0),
+                       "checkpoint_every": str(s.plan.checkpoint_every if s.plan else 0),
+                       "memory_plan_bytes": str(s.plan.total if s.plan else 0)})
     return run, state
 
 
@@ -427,16 +448,24 @@ def _out_of_memory_message(run: _Run, state: LoopState, exc: BaseException) -> s
     if t.micro_batch_size > 1:
         fixes.append(f"train.micro_batch_size={t.micro_batch_size // 2} train.grad_accum_steps={t.grad_accum_steps * 2} "
                      f"(the same {run.objective.unit} per step)")  # fmt: skip
-    if not t.gradient_checkpointing:
-        fixes.append("train.gradient_checkpointing=true (recompute activations in the backward)")
+    plan = run.s.plan
+    if plan is None or plan.checkpoint_every != 1:
+        fixes.append("train.gradient_checkpointing=true (recompute every layer's activations in the backward)")
     if not cfg.lora.enabled:
         fixes.append("lora.enabled=true (no gradients or optimizer state for the base weights)")
     if run.objective.name == "dpo" and not cfg.reference.precompute:
         fixes.append("reference.precompute=true (no reference model while training)")
     fixes.append(f"data.max_length={cfg.data.max_length // 2} (now {cfg.data.max_length})")
     reason = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
-    return (f"out of memory in step {state.step + 1} on {run.s.dist.device} ({reason}); stopped. {where}. "
-            "To use less memory: " + "; or ".join(fixes))
+    planned = (f" The memory plan estimated {memory.gib(plan.total)} per process against a budget of "
+               f"{memory.gib(plan.budget or 0)}: {_plan_line(plan)}." if plan is not None else "")  # fmt: skip
+    return (f"out of memory in step {state.step + 1} on {run.s.dist.device} ({reason}); stopped.{planned} {where}. "
+            "To use less memory: " + "; or ".join(fixes) + (". Lower train.memory_budget to make the plan choose "
+            "more checkpointing (and to see what it predicts: dpokit plan CONFIG)" if plan is not None else ""))
+
+
+def _plan_line(plan: memory.MemoryPlan) -> str:
+    return ", ".join(f"{i.name} {memory.gib(i.bytes)}" for i in plan.items if i.bytes)
 
 
 def _stopped(run: _Run, state: LoopState, signum: int, saved: Path) -> TrainResult:

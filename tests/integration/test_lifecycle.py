@@ -108,7 +108,7 @@ def test_config_lists_the_allowed_values_of_choice_keys(capsys: pytest.CaptureFi
     assert main(["config"]) == 0
     text = capsys.readouterr().out
     assert "type: sigmoid" in text and "[one of: hinge, ipo, orpo, robust, sigmoid, simpo]" in text
-    assert "[one of: adamw, rmsprop]" in text and "[one of: true, false, auto]" in text
+    assert "[one of: adamw, rmsprop, adamw8bit]" in text and "[one of: true, false, auto]" in text
 
 
 def test_python_api_names_are_functions() -> None:

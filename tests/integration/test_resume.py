@@ -263,4 +263,5 @@ def test_out_of_memory_in_a_step_keeps_the_last_checkpoint_and_says_what_to_chan
     assert f"The last checkpoint, {out / CHECKPOINTS / 'step-00000001'} (step 1), is kept" in message
     assert "train.micro_batch_size=32 train.grad_accum_steps=2 (the same pairs per step)" in message
     assert "train.gradient_checkpointing=true" in message and "reference.precompute=true" in message
+    assert "The memory plan estimated " in message and "activations " in message  # the plan's numbers
     assert [step for step, _ in list_checkpoints(out / CHECKPOINTS)] == [1]

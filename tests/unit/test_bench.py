@@ -64,7 +64,8 @@ def test_logical_tokens_and_ratios() -> None:
 
 def _run(tool: str, tok_s: float, mem: float, flops: float = 1e9) -> dict:
     return {"ok": True, "tool": tool, "tokens_per_s": tok_s, "pairs_per_s": tok_s / 100, "flops_per_s": flops,
-            "peak_mem_bytes": mem, "setup_s": 1.0, "step_s": 2.0, "matmul_dtype": "fp32", "flags": []}
+            "peak_mem_bytes": mem, "plan_bytes": 1.1 * mem if tool == "dpokit" else float("nan"),
+            "setup_s": 1.0, "step_s": 2.0, "matmul_dtype": "fp32", "flags": []}
 
 
 def test_summary_and_table() -> None:
@@ -77,8 +78,9 @@ def test_summary_and_table() -> None:
             {"workload": "w", "mode": "best", "dpokit": d, "trl": failed}]
     table = common.results_table(rows)
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 14
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 15
     assert "**2.50x**" in lines[2] and "0.50x" in lines[2] and "25.0%" in lines[2]
+    assert "| 1.10 GiB (+10%) |" in lines[2]  # dpokit's plan against its measured peak
     assert "**-**" in lines[3]
     assert common.failures(rows) == ["w / best / trl: boom"]
 
