@@ -6,7 +6,14 @@ The package import is light: heavy modules (transformers, accelerate, peft) load
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# torchao (lora.quantize, train.optimizer=adamw8bit), which transformers imports whenever it is
+# installed, logs in every process that its CUDA-only kernels do not load on a CPU build, and torch
+# that torchao's Enum registration is deprecated: neither concerns dpokit. Errors still show.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["Config", "train", "evaluate", "LOSSES", "LossOutput", "__version__"]

@@ -203,6 +203,8 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(tiny_model_dir: P
     reference = tmp_path / "reference"
     shutil.copytree(out, reference)
     shutil.rmtree(out / CHECKPOINTS / "step-00000006")  # as if killed between steps 3 and 6
+    (out / COMPLETE).unlink()  # ... so the run is not finished (else resume=auto trains nothing)
+    (out / "adapter_model.safetensors").unlink()  # the resumed run must write it again
 
     assert main([*_args(tiny_model_dir, out), *common, "train.resume=auto"]) == 0
     a = load_file(str(out / "adapter_model.safetensors"))
