@@ -97,6 +97,7 @@ class MemoryPlan:
     world: int = 1
     percentiles: dict[str, int] = field(default_factory=dict)  # "p50" -> peak at that batch shape
     allocator: str = ""  # CPU: the allocator the factor is for (dpokit.allocator)
+    alternatives: dict[str, int] = field(default_factory=dict)  # "checkpointing off" -> that plan's total
 
     @property
     def total(self) -> int:
@@ -119,6 +120,8 @@ class MemoryPlan:
         if self.percentiles:
             lines.append("  peak at the data's micro-batch length percentiles: "
                          + ", ".join(f"{k} {gib(v)}" for k, v in self.percentiles.items()))  # fmt: skip
+        if self.alternatives:
+            lines.append("  the same run with " + ", ".join(f"{k}: {gib(v)}" for k, v in self.alternatives.items()))
         if self.budget is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  budget {gib(self.budget)}: {verdict}")
@@ -453,7 +456,10 @@ def plan_run(inputs: RunInputs, budget: int | None) -> MemoryPlan:
                          for k, b in percentiles.items()}  # fmt: skip
         return p
 
-    return choose_checkpointing(make, cfg.train.gradient_checkpointing)
+    chosen = choose_checkpointing(make, cfg.train.gradient_checkpointing)
+    chosen.alternatives = {f"checkpointing {describe_checkpointing(k)}": make(k).total
+                           for k in (0, 1) if k != chosen.checkpoint_every}  # fmt: skip
+    return chosen
 
 
 def plan_of_batches(inputs: RunInputs, batches: Sequence[Sequence[Any]], every: int) -> MemoryPlan:

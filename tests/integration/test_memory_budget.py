@@ -90,6 +90,7 @@ def test_plan_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["plan", "--preset", "tiny", "--num-processes", "4"]) == 0
     out = capsys.readouterr().out
     assert "memory plan: single, 1 process(es), cpu, checkpointing off" in out and "budget" in out
+    assert "the same run with checkpointing every layer: " in out and "length percentiles: p50 " in out
     assert "per process at 4 processes" in out
     for strategy in memory.STRATEGIES:
         assert f"| {strategy} |" in out
