@@ -193,10 +193,10 @@ def static_items(f: RunFacts) -> list[PlanItem]:
         qbytes = quantize.bytes_per_param(f.quantize, s.hidden) if f.quantize != "none" else wb
         base = (params - linear) * wb + linear * qbytes
         weights, trainable, tbytes = base + f.lora_params * 4, f.lora_params, 4  # adapters train in fp32
-        note = f"{params / 1e6:.0f}M base ({f.quantize if f.quantize != 'none' else f.precision}) + {f.lora_params / 1e6:.2f}M adapter"
+        note = f"{params / 1e6:.3g}M base ({f.quantize if f.quantize != 'none' else f.precision}) + {f.lora_params / 1e6:.2f}M adapter"
     else:
         weights, trainable, tbytes = params * wb, params, wb
-        note = f"{params / 1e6:.0f}M params, {wb} bytes each"
+        note = f"{params / 1e6:.3g}M params, {wb} bytes each"
     items = [PlanItem("weights", int(weights), note)]
     if f.reference == "copy":
         items.append(PlanItem("reference", params * wb, "a frozen copy"))
