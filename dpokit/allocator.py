@@ -7,8 +7,10 @@ activations come from the heaps, where the reference forward's, the forward's an
 blocks of different sizes fragment them. Measured on SmolLM2-135M LoRA, 2 x 600-token rows, the
 same batch every step (docs/benchmarks.md): the peak resident set went from 2.6 GiB after step 1 to
 4.5 GiB, for TRL as for dpokit. Fixing the threshold (mallopt) gave 3.1 GiB but steps 37% slower
-(every large block page-faulted afresh); jemalloc 3.0 GiB, +22%; mimalloc 3.2 GiB at the same
-speed (steps within the runs' 10% noise), so dpokit uses it.
+(every large block page-faulted afresh); jemalloc 3.0 GiB, +22%; mimalloc 3.2 GiB, +8% (that
+batch) to +15% (the benchmark's varied batches) per step in one-process A/B runs. dpokit uses
+mimalloc: the least slowdown for the memory, and a peak the memory plan predicts within a few
+percent (glibc's fragmentation varies more: docs/benchmarks.md). DPOKIT_MALLOC=default opts out.
 
 An allocator is chosen when a process starts (LD_PRELOAD), so `dpokit train | sft | reward | rl |
 demo` re-run themselves once with mimalloc preloaded (`dpokit.launch.maybe_preload_allocator`),
