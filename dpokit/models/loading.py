@@ -92,8 +92,8 @@ def prepare_for_training(model: Any, cfg: Config) -> None:
 
 
 def fixed_checkpointing(setting: bool | int | str) -> int:
-    """train.gradient_checkpointing as every-k-th-layer (0 = off) where no memory plan resolves
-    auto (dpokit rl): auto is off there."""
+    """train.gradient_checkpointing as every-k-th-layer (0 = off; true = 1). auto is 0 here: the memory
+    plan resolves it in training (`training.memory.choose_checkpointing`); dpokit rl has no plan."""
     if setting is True:
         return 1
     return setting if isinstance(setting, int) and not isinstance(setting, bool) else 0

@@ -29,6 +29,7 @@ from dpokit import allocator
 from dpokit.config import Config
 from dpokit.errors import DpokitError
 from dpokit.models import quantize
+from dpokit.models.loading import fixed_checkpointing
 from dpokit.models.memory import ModelShape
 from dpokit.training.optim import optimizer_state_bytes_per_param
 
@@ -306,10 +307,10 @@ def for_strategy(p: MemoryPlan, f: RunFacts, strategy: str, world: int) -> Memor
 # ---- choosing -----------------------------------------------------------------------------------
 def choose_checkpointing(make_plan: Callable[[int], MemoryPlan], requested: bool | int | str) -> MemoryPlan:
     """The plan with `train.gradient_checkpointing` resolved: as set, or for auto the cheapest
-    recomputation that fits the budget (off, every 4th, 3rd, 2nd layer, every layer). A ConfigError
-    -like DpokitError with the numbers when even every layer does not fit."""
+    recomputation that fits the budget (off, every 4th, 3rd, 2nd layer, every layer). When even every
+    layer does not fit, that plan is returned (`fits` false) and the caller refuses with `refusal`."""
     if requested != "auto":
-        return make_plan(0 if requested is False else 1 if requested is True else int(requested))
+        return make_plan(fixed_checkpointing(requested))
     for every in CHECKPOINT_CHOICES:
         candidate = make_plan(every)
         if candidate.fits:
