@@ -1,4 +1,5 @@
-"""Command line: `dpokit train | reward | sft | rl | evaluate | score | config | export | pairs | bon | compare | demo`.
+"""Command line: `dpokit train | reward | sft | kto | rl | evaluate | score | config | export | pairs | sample
+| label | agreement | bon | compare | demo | iterate`.
 
 Only argument parsing lives here: each command builds a Config and calls the library. Errors the
 user can fix (DpokitError) print one line and exit 2; `--debug` shows the traceback instead.
@@ -52,7 +53,7 @@ def _validated(cfg: Config, path: str | None, overrides: list[str], preset: str 
 
 
 def _training_command(args: argparse.Namespace, command: str, example_preset: str, what: str) -> int:
-    """The body of `dpokit train | sft | reward`: the config from preset, file and overrides; training
+    """The body of `dpokit train | sft | reward | kto`: the config from preset, file and overrides; training
     with the command's objective; then how it ended (done, stopped by a signal, already complete).
     With --num-processes N > 1 it re-runs itself under `accelerate launch` (dpokit.launch) once the
     config is known to be valid, so that a config error is reported once, not by every worker."""
@@ -68,6 +69,7 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
     if args.own_process:  # the command line's process, not main() called from Python (a test)
         launch.maybe_preload_allocator(args.argv)
     launch.maybe_relaunch(command, args.argv, args.num_processes, args.accelerate_config)
+    from dpokit.dist import close_process_group
     from dpokit.rl.loop import train_rl
     from dpokit.training.loop import OBJECTIVES, train
 
@@ -75,6 +77,8 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
         result: Any = train_rl(cfg)
     else:
         result = train(cfg, objective=OBJECTIVES[{"train": "dpo"}.get(command, command)](cfg))
+    if args.own_process:  # a launched worker exits next: its process group must not outlive the run
+        close_process_group()
     if result.already_complete:  # train.resume=auto on a finished run: the message was printed
         return 0
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
@@ -115,6 +119,11 @@ def cmd_reward(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     """`dpokit sft`: supervised fine-tuning on completions (or the chosen side of pairs)."""
     return _training_command(args, "sft", "sft-tiny", "{steps} SFT steps")
+
+
+def cmd_kto(args: argparse.Namespace) -> int:
+    """`dpokit kto`: KTO on prompt/completion rows labelled desirable or undesirable."""
+    return _training_command(args, "kto", "kto-tiny", "{steps} KTO steps")
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
@@ -265,6 +274,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_iterate(args: argparse.Namespace) -> int:
+    """`dpokit iterate`: rounds of sample, judge, pairs and DPO (dpokit.apps.iterate; torch only when it runs)."""
+    if args.config is None and args.preset is None:
+        raise ConfigError(
+            "dpokit iterate needs a config: --preset NAME (iterate-reviews, iterate-tiny) and/or a YAML file with "
+            "an iterate: section; e.g. `dpokit iterate --preset iterate-tiny train.output_dir=runs/it`"
+        )
+    cfg = _config_of(args)
+    if args.own_process:  # mimalloc for the CPU training (dpokit.allocator)
+        launch.maybe_preload_allocator(args.argv)
+    from dpokit.apps.iterate import iterate_command
+
+    return iterate_command(cfg, doc=args.doc)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """`dpokit label CANDIDATES --out LABELS.jsonl`: the labelling page (dpokit.apps.label; needs the label extra)."""
+    from dpokit.apps.label import label_command
+
+    try:
+        return label_command(args)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in ("starlette", "uvicorn"):
+            raise
+        raise DpokitError(f"dpokit label needs starlette and uvicorn ({exc.name} is missing): pip install 'dpokit[label]'") from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """`dpokit demo`, where --preset NAME stands for --config <that preset's file>."""
     from dpokit.apps import demo
@@ -290,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
          "reward.center_rewards_coefficient=0.01"),
         ("sft", cmd_sft, "supervised fine-tuning on prompt/completion or messages rows (config as for train)",
          "data.sft_loss_on=last_assistant"),
+        ("kto", cmd_kto, "KTO on prompt/completion rows with a true/false label (thumbs up/down; config as for train)",
+         "kto.desirable_weight=1.33"),
         ("rl", cmd_rl, "RLHF's RL stage: PPO or RLOO against a reward model, judge or callable (rl.* keys)",
          "rl.algorithm=rloo rl.kl_coef=0.1"),
     ):  # fmt: skip
@@ -349,14 +387,14 @@ def _add_launch_arguments(t: argparse.ArgumentParser, command: str) -> None:
 
 def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands whose modules bring their own arguments (imported here, not at the top of this file)."""
-    from dpokit.apps import bon, compare, demo, pairs
+    from dpokit.apps import agreement, bon, compare, demo, label, pairs, sample
 
     pl = sub.add_parser("plan", help="estimate a run's peak memory from the model's config and the data, before training")
     pl.intermixed = True
     pl.add_argument("--preset", metavar="NAME", default=None, help=f"start from a shipped config ({', '.join(resources.presets())})")
     pl.add_argument("config", nargs="?", default=None, help="YAML config (as for train); optional with --preset")
     pl.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.micro_batch_size=8")
-    pl.add_argument("--for", dest="for_command", default="train", choices=["train", "sft", "reward"],
+    pl.add_argument("--for", dest="for_command", default="train", choices=["train", "sft", "reward", "kto"],
                     help="the command the config is for (default train: DPO)")  # fmt: skip
     pl.add_argument("--num-processes", type=int, default=1, metavar="N",
                     help="processes (GPUs) of the run; the strategy table is per process at N (default 1: at 8)")  # fmt: skip
@@ -364,6 +402,15 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
                     help="plan for this device (default: CUDA if there is one, else CPU)")  # fmt: skip
     pl.add_argument("--json", action="store_true", help="print the plans as JSON")
     pl.set_defaults(func=cmd_plan)
+
+    it = sub.add_parser("iterate", help="iterative DPO: rounds of sampling the policy, judging, pairs and DPO from the "
+                        "previous round (iterate.* keys)")  # fmt: skip
+    it.intermixed = True
+    it.add_argument("--preset", metavar="NAME", default=None, help="start from a shipped config (iterate-reviews, iterate-tiny)")
+    it.add_argument("config", nargs="?", default=None, help="YAML config with an iterate: section; optional with --preset")
+    it.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. iterate.rounds=2 iterate.reference=original")
+    it.add_argument("--doc", metavar="FILE.md", default=None, help="also write the report (OUT/iterate.md) to this file")
+    it.set_defaults(func=cmd_iterate)
 
     bp = sub.add_parser("bon", help="best-of-N baseline: sample N, keep the reward's best, judge it, KL bound")
     bon.add_bon_arguments(bp)
@@ -375,6 +422,16 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("pairs", help="sample responses, label them with a judge, write preference pairs")
     pairs.add_pairs_arguments(pp)
     pp.set_defaults(func=pairs.pairs_command)
+    lp = sub.add_parser("label", help="a local web page on which people label response pairs (or thumbs up/down)")
+    label.add_label_arguments(lp)
+    lp.set_defaults(func=cmd_label)
+    sp = sub.add_parser("sample", help="sample responses per prompt and write a candidates file for people to label")
+    sample.add_sample_arguments(sp)
+    sp.set_defaults(func=sample.sample_command)
+    ap = sub.add_parser("agreement", help="agreement of labellers (raw, Cohen, Fleiss), judges vs people, position "
+                        "bias; --merge writes the labels as pairs (or KTO rows)")  # fmt: skip
+    agreement.add_agreement_arguments(ap)
+    ap.set_defaults(func=agreement.agreement_command)
     dp = sub.add_parser("demo", help="LoRA DPO of SmolLM2 towards positive movie reviews, with a before/after report")
     demo.add_demo_arguments(dp)
     dp.add_argument("--preset", metavar="NAME", default=None, help="a shipped LoRA config instead of --config: demo, lora")

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses that are also the YAML and CLI schema.
 
 A YAML file mirrors `Config` one-to-one (`model:`, `data:`, `loss:`, `reference:`, `lora:`,
-`reward:`, `rl:`, `train:` sections with exactly the field names below). Unknown keys and wrong types are errors
+`reward:`, `kto:`, `rl:`, `iterate:`, `train:` sections with exactly the field names below). Unknown keys and wrong types are errors
 that name the key; `Config.validate()` checks values and cross-field rules. Overrides on the
 command line use the same dotted names: `train.lr=1e-5 loss.type=ipo`.
 
@@ -191,6 +191,21 @@ class RewardConfig:
 
 
 @dataclass
+class KTOConfig:
+    """`dpokit kto` (KTO on prompt/completion rows labelled desirable or not; loss.beta is its beta,
+    reference.* its reference)."""
+
+    desirable_weight: float = _f(
+        1.0,
+        "`dpokit kto`: weight lambda_D of the loss of desirable (label true) examples; with unbalanced data keep "
+        "lambda_D * n_desirable / (lambda_U * n_undesirable) in [1, 4/3] (KTO paper Eq. 8; the run warns otherwise)",
+    )
+    undesirable_weight: float = _f(
+        1.0, "`dpokit kto`: weight lambda_U of the loss of undesirable (label false) examples"
+    )
+
+
+@dataclass
 class RLConfig:
     """`dpokit rl`: PPO / RLOO against a reward (train.* sets steps, lr, seed, batches, checkpoints)."""
 
@@ -240,6 +255,41 @@ class RLConfig:
     def samples(self) -> int:
         """Responses per prompt, with 0 (auto) resolved for the algorithm."""
         return self.samples_per_prompt or (2 if self.algorithm == "rloo" else 1)
+
+
+@dataclass
+class IterateConfig:
+    """`dpokit iterate`: rounds of sample -> judge -> pairs -> DPO, each from the previous round's policy
+    (model.*, data.max_length, loss.*, lora.*, train.* set each round's training; train.output_dir holds the rounds)."""
+
+    rounds: int = _f(3, "feedback rounds; each samples the current policy, judges, keeps pairs and trains DPO on them")
+    prompt_files: list[str] = _f(
+        ["builtin:reviews/train_prompts.jsonl"], "training prompts (.jsonl with a prompt field, or text: one per line)"
+    )
+    prompts_per_round: int = _f(
+        96, "prompts sampled per round: consecutive slices of one seeded shuffle of the prompts (wrapping around)"
+    )
+    heldout_file: str = _f(
+        "builtin:reviews/eval_prompts.jsonl", "held-out prompts: each round's policy is judged and its KL measured on them"
+    )
+    heldout_prompts: int = _f(64, "how many of heldout_file's prompts (the first N) are sampled, one response each")
+    judge: str = _f(
+        "vader", "what scores responses: vader, textblob, rm:PATH (a `dpokit reward` folder), module:function"
+    )
+    n_samples: int = _f(3, "responses sampled per prompt; the judge's best and worst become a pair")
+    min_gap: float = _f(0.2, "minimum judge score gap between best and worst for the prompt to give a pair")
+    reference: Literal["previous", "original"] = _f(
+        "previous",
+        "DPO reference of round k: previous = the policy round k starts from (round k-1's); original = the starting "
+        "model (model.name_or_path), loaded as a copy",
+    )
+    max_new_tokens: int = _f(40, "max tokens of a sampled response (pairs and held-out)")
+    temperature: float = _f(0.8, "sampling temperature (pairs and held-out); KL is exact only at 1 with top_p 1")
+    top_p: float = _f(0.95, "nucleus sampling (pairs and held-out)")
+    seed: int = _f(0, "shuffles the prompts; round k samples its pairs with seed + k")
+    heldout_seed: int = _f(1234, "held-out sampling seed, the same for every round so differences are not sampling luck")
+    gen_batch_size: int = _f(64, "sequences per generate call (larger: more tokens/s on a CPU)")
+    score_batch_size: int = _f(16, "sequences per forward of the KL estimate and of an rm: judge")
 
 
 # Loggers `train.report_to` accepts besides metrics.jsonl; each is an optional extra
@@ -318,7 +368,9 @@ SECTIONS: dict[str, type] = {
     "reference": ReferenceConfig,
     "lora": LoraConfig,
     "reward": RewardConfig,
+    "kto": KTOConfig,
     "rl": RLConfig,
+    "iterate": IterateConfig,
     "train": TrainConfig,
 }
 
@@ -331,7 +383,9 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     # ---- construction -------------------------------------------------------------------
@@ -456,23 +510,9 @@ class Config:
             (len(d.train_files) > 0, "data.train_files is empty: give at least one file"),
             *_data_checks(d),
             *_rl_checks(self.rl),
-            (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-            (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
-            (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
-            (t.max_steps == -1 or t.max_steps >= 1, "train.max_steps must be >= 1, or -1 to use train.epochs"),
-            (t.max_steps >= 1 or t.epochs > 0, "train.epochs must be > 0 when train.max_steps is -1"),
-            (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-            (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
-            (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
-            (t.log_every >= 1, "train.log_every must be >= 1"),
-            (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
-            (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-            (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
-            (
-                isinstance(t.gradient_checkpointing, (bool, str)) or t.gradient_checkpointing >= 1,
-                "train.gradient_checkpointing must be true, false, auto or an integer k >= 1 (every k-th layer)",
-            ),
-            (t.memory_budget == "auto" or t.memory_budget > 0, "train.memory_budget must be auto or a number of GiB > 0"),
+            *_kto_checks(self.kto),
+            *_iterate_checks(self.iterate),
+            *_train_checks(t),
             (lora.quantize == "none" or lora.enabled, "lora.quantize quantises the frozen base of a LoRA run: set lora.enabled=true"),
             (
                 lora.quantize == "none" or not lora.merge,
@@ -542,6 +582,53 @@ def _rl_checks(r: RLConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _train_checks(t: TrainConfig) -> list[tuple[bool, str]]:
+    """Config.validate's checks of the train section's own values."""
+    return [
+        (t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (t.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
+        (t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1"),
+        (t.max_steps == -1 or t.max_steps >= 1, "train.max_steps must be >= 1, or -1 to use train.epochs"),
+        (t.max_steps >= 1 or t.epochs > 0, "train.epochs must be > 0 when train.max_steps is -1"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 = no clipping)"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (
+            isinstance(t.gradient_checkpointing, (bool, str)) or t.gradient_checkpointing >= 1,
+            "train.gradient_checkpointing must be true, false, auto or an integer k >= 1 (every k-th layer)",
+        ),
+        (t.memory_budget == "auto" or t.memory_budget > 0, "train.memory_budget must be auto or a number of GiB > 0"),
+    ]
+
+
+def _iterate_checks(it: IterateConfig) -> list[tuple[bool, str]]:
+    """Config.validate's checks of the iterate section (`dpokit iterate`)."""
+    return [
+        (it.rounds >= 1, "iterate.rounds must be >= 1"),
+        (len(it.prompt_files) > 0, "iterate.prompt_files is empty: give at least one prompts file"),
+        (it.prompts_per_round >= 1 and it.heldout_prompts >= 1, "iterate.prompts_per_round and iterate.heldout_prompts must be >= 1"),
+        (bool(it.judge.strip()), "iterate.judge is empty: name a judge, rm:PATH or module:function"),
+        (it.n_samples >= 2, f"iterate.n_samples must be >= 2 (a pair is the best and the worst of them), got {it.n_samples}"),
+        (it.min_gap >= 0, "iterate.min_gap must be >= 0"),
+        (it.max_new_tokens >= 1, "iterate.max_new_tokens must be >= 1"),
+        (it.temperature > 0 and 0 < it.top_p <= 1, "iterate.temperature must be > 0 and iterate.top_p in (0, 1]"),
+        (it.gen_batch_size >= 1 and it.score_batch_size >= 1, "iterate.gen_batch_size and iterate.score_batch_size must be >= 1"),
+    ]
+
+
+def _kto_checks(k: KTOConfig) -> list[tuple[bool, str]]:
+    """Config.validate's checks of the kto section (`dpokit kto`)."""
+    finite = all(0 <= w < float("inf") for w in (k.desirable_weight, k.undesirable_weight))
+    return [
+        (finite, "kto.desirable_weight and kto.undesirable_weight must be finite and >= 0"),
+        (k.desirable_weight + k.undesirable_weight > 0, "kto.desirable_weight and kto.undesirable_weight are both 0"),
+    ]
+
+
 def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
     """Config.validate's checks of the data keys that choose rows and read Hub datasets."""
     weights, names = d.train_weights, list(d.columns.values())
@@ -561,10 +648,11 @@ def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
         (not weights or sum(weights) > 0, "data.train_weights are all 0: no training rows would be left"),
         (d.num_proc >= 1, "data.num_proc must be >= 1"),
         (
-            set(d.columns) <= {"prompt", "chosen", "rejected", "margin", "completion", "messages"},
+            set(d.columns) <= {"prompt", "chosen", "rejected", "margin", "completion", "messages", "label"},
             f"data.columns: unknown name(s) "
-            f"{sorted(set(d.columns) - {'prompt', 'chosen', 'rejected', 'margin', 'completion', 'messages'})}; its keys "
-            "are dpokit's names (prompt, chosen, rejected, margin; completion, messages for `dpokit sft`), its values "
+            f"{sorted(set(d.columns) - {'prompt', 'chosen', 'rejected', 'margin', 'completion', 'messages', 'label'})}; "
+            "its keys are dpokit's names (prompt, chosen, rejected, margin; completion, messages for `dpokit sft`; "
+            "label for `dpokit kto`), its values "
             "the dataset's columns",
         ),
         (all(n.strip() for n in names) and len(set(names)) == len(names), "data.columns: each name needs its own column"),
@@ -591,6 +679,7 @@ TRL_NAMES: dict[str, str] = {
     "learning_rate": "train.lr", "optim": "train.optimizer", "weight_decay": "train.weight_decay",
     "warmup_steps": "train.warmup_steps", "lr_scheduler_type": "train.scheduler", "max_grad_norm": "train.max_grad_norm",
     "center_rewards_coefficient": "reward.center_rewards_coefficient",
+    "desirable_weight": "kto.desirable_weight", "undesirable_weight": "kto.undesirable_weight",
     "kl_coef": "rl.kl_coef", "kl_estimator": "rl.kl_estimator", "num_ppo_epochs": "rl.ppo_epochs",
     "num_mini_batches": "rl.num_minibatches", "cliprange": "rl.cliprange", "cliprange_value": "rl.cliprange_value",
     "vf_coef": "rl.vf_coef", "lam": "rl.lam", "gamma": "rl.gamma", "missing_eos_penalty": "rl.missing_eos_penalty",

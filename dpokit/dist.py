@@ -178,6 +178,19 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def close_process_group() -> None:
+    """A launched worker's last act: wait for the others, then shut the process group down.
+
+    A gloo group that is never destroyed is torn down by the interpreter's exit, where gloo's
+    threads may still be joinable: the process then aborts ("terminate called without an active
+    exception", SIGABRT) after a run that finished, and the launcher reports the run failed (seen
+    in 1 of 30 two-process FSDP runs here). No-op when no group was started (one process).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def deepspeed_requested() -> bool:
     """Did the launcher (an Accelerate config with distributed_type DEEPSPEED) ask for DeepSpeed?"""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

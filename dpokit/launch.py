@@ -1,4 +1,4 @@
-"""`dpokit train | sft | reward --num-processes N`: the command re-runs itself under `accelerate launch`.
+"""`dpokit train | sft | reward | kto --num-processes N`: the command re-runs itself under `accelerate launch`.
 
     dpokit train my.yaml --num-processes 2 --accelerate-config fsdp
     -> python -m accelerate.commands.launch --config_file .../assets/accelerate/fsdp.yaml
@@ -111,8 +111,8 @@ def maybe_relaunch(command: str, argv: list[str], num_processes: int, accelerate
     if command == "rl":
         raise DpokitError(
             f"dpokit rl runs in one process ({NUM_PROCESSES_FLAG} {num_processes} given): PPO/RLOO's "
-            "rollouts are not split across processes; DPO, SFT and reward models train on several "
-            f"(`dpokit train | sft | reward {NUM_PROCESSES_FLAG} N`)"
+            "rollouts are not split across processes; DPO, SFT, reward models and KTO train on several "
+            f"(`dpokit train | sft | reward | kto {NUM_PROCESSES_FLAG} N`)"
         )
     if "WORLD_SIZE" in os.environ:  # a worker that a launcher (this one, accelerate, torchrun) started
         return

@@ -12,6 +12,10 @@ Rows use the conversational format for chat models (the format `dpokit.data` rea
 
 and plain strings for ``prompt`` / ``chosen`` / ``rejected`` for models without a chat template.
 
+The sampling stage (`dpokit.apps.sample`) is `dpokit sample`'s, which writes the responses for people
+to label instead (`dpokit agreement --merge` turns their labels into pairs); `judge_responses` is
+the judging stage.
+
 CLI: ``dpokit pairs --model M --prompts P --judge J --out FILE`` (wired through
 `add_pairs_arguments` + `pairs_command`; its settings and their defaults: `PairsSettings`).
 """
@@ -23,44 +27,37 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.files import read_prompts
+from dpokit.apps.sample import (
+    SampleSettings,
+    add_sampling_arguments,
+    chat_prompt,
+    is_chat,
+    load_prompts,
+    load_sampler,
+    sample_chunks,
+    sample_responses,
+    settings_from_args,
+)
 from dpokit.errors import DpokitError
 from dpokit.eval.judges import JUDGES, get_judge
-from dpokit.models import sources
 
 Judge = Callable[[Sequence[str]], list[float]]
 
 
 @dataclass
-class PairsSettings:
-    """What `dpokit pairs` reads and how it samples. The field defaults are the command's defaults,
-    written only here: `add_pairs_arguments` and `build_pairs` take theirs from these fields."""
+class PairsSettings(SampleSettings):
+    """What `dpokit pairs` reads, how it samples (the fields of `SampleSettings`, the sampling stage it
+    shares with `dpokit sample`) and how it judges. The field defaults are the command's defaults,
+    written only here and in `SampleSettings`: `add_pairs_arguments` and `build_pairs` take theirs
+    from these fields."""
 
-    model: str  # a model folder, .gguf file or alias (any `dpokit.models.sources` source)
-    prompts: str  # .jsonl with {"prompt": ...} lines, or .txt
-    out: str  # the JSONL file of preference pairs to write
+    n_samples: int = 4  # responses sampled per prompt (the judge keeps the best and the worst)
     judge: str = "vader"
-    n_samples: int = 4  # responses sampled per prompt
     min_gap: float = 0.1  # minimum judge score gap to keep a pair
-    seed: int = 0
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16  # sequences generated together
-    limit: int | None = None  # use only the first N prompts
-    dtype: str = "auto"
-    device: str | None = None  # default: cuda if available
-    chunk_prompts: int = 64  # prompts per chunk; rows are written after each chunk
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
-
-
-_LIBRARY_ONLY = {"chunk_prompts"}  # settings `dpokit pairs` has no option for
 
 
 @dataclass
@@ -141,7 +138,7 @@ def make_row(prompt: str, chosen: str, rejected: str, chosen_score: float, rejec
     """One output row, in the conversational or the plain-text format."""
     if conversational:
         row: dict[str, Any] = {
-            "prompt": [{"role": "user", "content": prompt}],
+            "prompt": chat_prompt(prompt, True),
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
         }
@@ -191,16 +188,27 @@ def build_pairs(
         raise DpokitError(f"min_gap must be >= 0, got {min_gap}")
     judge_fn, judge_name = _resolve_judge(judge)
     if conversational is None:
-        conversational = bool(getattr(tokenizer, "chat_template", None))
-
-    from dpokit.eval.sampling import generate_samples  # torch: loaded when pairs are built, not for `--help`
-
+        conversational = is_chat(tokenizer)
     start = time.perf_counter()
-    samples = generate_samples(
-        model, tokenizer, list(prompts), n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+    responses = sample_responses(
+        model, tokenizer, prompts, n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
     )  # fmt: skip
-    responses = [[s.text for s in group] for group in samples]
+    rows, stats = judge_responses(prompts, responses, judge_fn, judge_name, min_gap, conversational)
+    stats.seconds = time.perf_counter() - start
+    return rows, stats
+
+
+def judge_responses(
+    prompts: Sequence[str], responses: Sequence[Sequence[str]], judge: str | Judge, judge_name: str | None = None,
+    min_gap: float = PairsSettings.min_gap, conversational: bool = True,
+) -> tuple[list[dict[str, Any]], PairStats]:  # fmt: skip
+    """The judging stage: score every response (one judge call), then per prompt keep the best vs
+    the worst non-empty response when their gap is >= ``min_gap``; returns (rows, stats)."""
+    judge_fn, name = _resolve_judge(judge)
+    judge_name = judge_name or name
+    n_samples = len(responses[0]) if responses else 0
+    start = time.perf_counter()
     flat = [text for group in responses for text in group]
     flat_scores = [float(s) for s in judge_fn(flat)] if flat else []
     if len(flat_scores) != len(flat):
@@ -208,9 +216,12 @@ def build_pairs(
 
     stats = PairStats(judge=judge_name, min_gap=min_gap, n_samples=n_samples, prompts=len(prompts))
     rows: list[dict[str, Any]] = []
+    offsets = [0]
+    for group in responses:
+        offsets.append(offsets[-1] + len(group))
     for i, prompt in enumerate(prompts):
-        group = responses[i]
-        scores = flat_scores[i * n_samples : (i + 1) * n_samples]
+        group = list(responses[i])
+        scores = flat_scores[offsets[i] : offsets[i + 1]]
         for text, score in zip(group, scores):
             if text.strip():
                 stats.samples_scored += 1
@@ -241,60 +252,34 @@ def build_pairs(
 def run_pairs_command(settings: PairsSettings) -> PairStats:
     """Load the model, build pairs for the prompts and write JSONL to ``settings.out``.
 
-    Prompts are processed ``chunk_prompts`` at a time and rows are flushed after each chunk, so a long
-    run that is interrupted keeps what it made. Chunk k samples with seed ``seed + k``. Prints a
-    summary and returns the stats.
+    The sampling stage is `dpokit sample`'s (`dpokit.apps.sample.sample_chunks`): prompts are
+    processed ``chunk_prompts`` at a time, chunk k sampled with seed ``seed + k``; each chunk is judged
+    and its rows flushed before the next, so a long run that is interrupted keeps what it made.
+    Prints a summary and returns the stats.
     """
-    import torch
-
-    from dpokit.models.loading import resolve_dtype
-
     st = settings
+    if st.n_samples < 2:
+        raise DpokitError(f"building pairs needs n_samples >= 2, got {st.n_samples}")
+    if st.min_gap < 0:
+        raise DpokitError(f"min_gap must be >= 0, got {st.min_gap}")
     judge_fn = get_judge(st.judge)  # fail on a bad judge name before the slow model load
-    prompts = read_prompts(st.prompts)
-    if st.limit is not None:
-        if st.limit < 1:
-            raise DpokitError(f"--limit must be >= 1, got {st.limit}")
-        prompts = prompts[: st.limit]
-    device = st.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    load_start = time.perf_counter()
-    # a GGUF file is dequantized once into a cached folder (what training and evaluation load too)
-    source = sources.materialize_gguf(sources.resolve_source(st.model), log=lambda m: print(m, file=sys.stderr))
-    lm = sources.load_model(
-        source, dtype=resolve_dtype(st.dtype, device), allow_pickle=st.allow_pickle,
-        trust_remote_code=st.trust_remote_code,
-    ).to(device)  # fmt: skip
-    tokenizer = sources.load_tokenizer(source, trust_remote_code=st.trust_remote_code)
-    print(f"loaded {source} in {time.perf_counter() - load_start:.1f}s", file=sys.stderr)
+    prompts = load_prompts(st)
+    lm, tokenizer = load_sampler(st)
+    conversational = is_chat(tokenizer)
 
     out_path = Path(st.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     total = PairStats(judge=st.judge, min_gap=st.min_gap, n_samples=st.n_samples)
-    bar = None
-    if st.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc="pairs", unit="prompt")
-    try:
-        with out_path.open("w", encoding="utf-8") as f:
-            for k, begin in enumerate(range(0, len(prompts), st.chunk_prompts)):
-                chunk = prompts[begin : begin + st.chunk_prompts]
-                rows, stats = build_pairs(
-                    lm, tokenizer, chunk, judge_fn, n_samples=st.n_samples, min_gap=st.min_gap,
-                    max_new_tokens=st.max_new_tokens, temperature=st.temperature, top_p=st.top_p, seed=st.seed + k,
-                    batch_size=st.batch_size,
-                )  # fmt: skip
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
-                total.merge(stats)
-                if bar is not None:
-                    bar.update(len(chunk))
-                    bar.set_postfix(kept=total.kept, gap=f"{total.mean_gap:.2f}")
-    finally:
-        if bar is not None:
-            bar.close()
+    start = time.perf_counter()
+    with out_path.open("w", encoding="utf-8") as f:
+        postfix = lambda: {"kept": total.kept, "gap": f"{total.mean_gap:.2f}"}  # noqa: E731
+        for chunk in sample_chunks(lm, tokenizer, prompts, st, "pairs", postfix):
+            rows, stats = judge_responses(chunk.prompts, chunk.responses, judge_fn, st.judge, st.min_gap, conversational)
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            total.merge(stats)
+    total.seconds = time.perf_counter() - start  # sampling included
     print(total.summary())
     print(f"wrote {total.kept} pairs to {out_path} in {total.seconds:.0f}s")
     if total.kept == 0:
@@ -305,29 +290,14 @@ def run_pairs_command(settings: PairsSettings) -> PairStats:
 def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `dpokit pairs` options to ``parser``; each ``dest`` is the `PairsSettings` field it sets."""
     d = PairsSettings  # the class: its attributes are the field defaults
+    add_sampling_arguments(parser, d, "output JSONL file of preference pairs")
     add = parser.add_argument
-    add("--model", required=True, help="model folder, .gguf file or alias (smollm2-135m-instruct)")
-    add("--prompts", required=True, help='prompts: .jsonl with {"prompt": ...} lines, or .txt')
     add("--judge", default=d.judge, choices=sorted(JUDGES), help=f"sentiment judge (default: {d.judge})")
-    add("--out", required=True, help="output JSONL file of preference pairs")
     add("--n-samples", type=int, default=d.n_samples, help=f"responses sampled per prompt (default: {d.n_samples})")
     add("--min-gap", type=float, default=d.min_gap, help=f"minimum judge score gap for a pair (default: {d.min_gap})")
-    add("--seed", type=int, default=d.seed)
-    add("--max-new-tokens", type=int, default=d.max_new_tokens)
-    add("--temperature", type=float, default=d.temperature)
-    add("--top-p", type=float, default=d.top_p)
-    add("--batch-size", type=int, default=d.batch_size, help=f"sequences generated together (default: {d.batch_size})")
-    add("--limit", type=int, default=d.limit, help="use only the first N prompts")
-    add("--dtype", default=d.dtype, help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
-    add("--device", default=d.device, help="cpu or cuda (default: cuda if available)")
-    add("--allow-pickle", action="store_true", default=d.allow_pickle, help="allow loading pytorch_model.bin weights")
-    add("--trust-remote-code", action="store_true", default=d.trust_remote_code)
-    add("--no-progress", dest="progress", action="store_false", default=d.progress, help="no progress bar")
 
 
 def pairs_command(args: argparse.Namespace) -> int:
     """Run `dpokit pairs` from parsed arguments; returns the exit status."""
-    # every settings field but the library-only ones has an option of the same dest
-    given = {f.name: getattr(args, f.name) for f in fields(PairsSettings) if f.name not in _LIBRARY_ONLY}
-    run_pairs_command(PairsSettings(**given))
+    run_pairs_command(settings_from_args(PairsSettings, args))
     return 0

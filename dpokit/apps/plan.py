@@ -24,7 +24,7 @@ from dpokit.models.loading import load_config_and_tokenizer, resolve_dtype
 from dpokit.training import memory
 from dpokit.training.loop import OBJECTIVES
 
-COMMAND_OBJECTIVE = {"train": "dpo", "sft": "sft", "reward": "reward"}
+COMMAND_OBJECTIVE = {"train": "dpo", "sft": "sft", "reward": "reward", "kto": "kto"}
 
 
 def build_inputs(cfg: Config, command: str, device: torch.device, strategy: str = "single",

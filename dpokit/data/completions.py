@@ -10,6 +10,8 @@ mixture weights as preference pairs). Row kinds, detected per row:
     messages          {"messages": [messages]}: the assistant turns are scored, all of them
                       (data.sft_loss_on=all_assistant, the default) or only the last (last_assistant); the
                       last turn must be the assistant's
+    labelled          `dpokit kto` (``labels=True``): a completion or chat completion row with a boolean
+                      ``label`` (true: desirable, false: undesirable); messages rows are refused there
     preference pair   with data.sft_target=chosen (the DPO paper's "Preferred-FT"): any row `dpokit.data.pairs`
                       reads (standard, conversational, implicit; data.format applies); prompt + chosen, the
                       chosen response scored. A pair row without data.sft_target is refused for the whole file.
@@ -96,6 +98,7 @@ class RawCompletion:
     messages: Messages = field(default_factory=list)
     scored: tuple[int, ...] = ()
     scored_field: str = "completion"  # the row's field that errors about the scored part name
+    label: bool | None = None  # `dpokit kto`: desirable (True) or not; None for SFT rows
 
     @property
     def is_chat(self) -> bool:
@@ -109,6 +112,7 @@ class TokenizedCompletion:
     input_ids: list[int]  # context then completion tokens (BOS / chat template included), never empty
     spans: list[tuple[int, int]]  # [start, end) positions of scored tokens, 1 <= start < end <= len(input_ids)
     index: int = -1  # position of the example in its split
+    label: bool | None = None  # `dpokit kto`: desirable (True) or not; None for SFT examples
 
     @property
     def n_scored(self) -> int:
@@ -149,10 +153,11 @@ def _renamed(row: dict[str, Any], columns: dict[str, str], path: str, rownum: in
     return renamed
 
 
-def normalize_completion_row(row: Any, path: str, rownum: int, data_cfg: Any) -> RawCompletion:
+def normalize_completion_row(row: Any, path: str, rownum: int, data_cfg: Any, labels: bool = False) -> RawCompletion:
     """Validate one row into a `RawCompletion`; a problem raises DataError naming file, row and field.
 
     `data_cfg` needs `sft_target` and `sft_loss_on` and may have `columns` and `format` (pairs only).
+    `labels` (`dpokit kto`): the row is prompt/completion (text or messages) with a boolean `label`.
     """
     columns = dict(getattr(data_cfg, "columns", None) or {})
     target = getattr(data_cfg, "sft_target", None)
@@ -162,7 +167,10 @@ def normalize_completion_row(row: Any, path: str, rownum: int, data_cfg: Any) ->
         raise row_error(
             path, rownum, f"expected an object with prompt/completion or messages fields, got {type_name(row)}"
         )
-    row = _renamed(row, {k: v for k, v in columns.items() if k in ("prompt", "completion", "messages")}, path, rownum)
+    own = ("prompt", "completion", "messages", "label") if labels else ("prompt", "completion", "messages")
+    row = _renamed(row, {k: v for k, v in columns.items() if k in own}, path, rownum)
+    if labels:
+        return _labelled(row, path, rownum)
     if "messages" in row:
         return _from_messages(row["messages"], path, rownum, getattr(data_cfg, "sft_loss_on", "all_assistant"))
     if "completion" not in row:
@@ -180,6 +188,29 @@ def normalize_completion_row(row: Any, path: str, rownum: int, data_cfg: Any) ->
         return _chat(prompt, completion, path, rownum, "chat completion", "completion")
     return RawCompletion("completion", path, rownum, text_field(row["prompt"], path, rownum, "prompt"),
                          text_field(row["completion"], path, rownum, "completion"))  # fmt: skip
+
+
+def _labelled(row: dict[str, Any], path: str, rownum: int) -> RawCompletion:
+    """A `dpokit kto` row: prompt + completion (text or message lists) and a boolean `label`. CSV cells
+    are text, so there (only) the strings true / false are read as booleans."""
+    if "messages" in row and "completion" not in row:
+        raise row_error(path, rownum, "dpokit kto reads prompt/completion rows with a label; split the "
+                        "conversation into prompt (the turns before the last assistant turn) and completion (that "
+                        "turn)", "messages")  # fmt: skip
+    # the prompt/completion row as SFT reads it (data.columns applied already, so no data config)
+    raw = normalize_completion_row({k: v for k, v in row.items() if k not in ("label", "messages")}, path, rownum, None)
+    if "label" not in row:
+        fields = ", ".join(map(str, row))
+        raise row_error(path, rownum, f"missing field 'label' (true: desirable, false: undesirable; fields present: "
+                        f"{fields})", "label")  # fmt: skip
+    label = row["label"]
+    if isinstance(label, str) and path.lower().endswith(".csv") and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise row_error(path, rownum, f"expected true (desirable) or false (undesirable), got {type_name(label)} "
+                        f"{label!r}"[:200], "label")  # fmt: skip
+    raw.label = label
+    return raw
 
 
 def _from_messages(value: Any, path: str, rownum: int, loss_on: str) -> RawCompletion:
@@ -484,7 +515,7 @@ def _read_records(sources: list[list[Path]], data_cfg: Any) -> tuple[list[_Rec],
 
 
 def _normalize(
-    recs: list[_Rec], chosen: list[int], data_cfg: Any, skip: bool
+    recs: list[_Rec], chosen: list[int], data_cfg: Any, skip: bool, labels: bool = False
 ) -> tuple[list[RawCompletion], list[int], list[dict[str, Any]]]:
     """The records `chosen` (indices into recs) as RawCompletions with their record index; a malformed row
     raises (skip=False) or becomes a skip record. A pair row without data.sft_target always raises: the
@@ -500,7 +531,7 @@ def _normalize(
         try:
             if isinstance(value, Unreadable):
                 raise value.error
-            raw.append(normalize_completion_row(value, shown(path), rownum, data_cfg))
+            raw.append(normalize_completion_row(value, shown(path), rownum, data_cfg, labels))
             where.append(i)
         except DataError as e:
             if not skip:
@@ -522,7 +553,7 @@ def _arrange(picks: list[int], where: list[int], encoded: list[_Encoded]) -> lis
         ex = encoded[k].example if k is not None else None
         if ex is None:
             continue
-        out.append(ex if k not in used else TokenizedCompletion(ex.input_ids, ex.spans))
+        out.append(ex if k not in used else TokenizedCompletion(ex.input_ids, ex.spans, label=ex.label))
         used.add(k)  # type: ignore[arg-type]
     for index, ex in enumerate(out):
         ex.index = index
@@ -530,7 +561,8 @@ def _arrange(picks: list[int], where: list[int], encoded: list[_Encoded]) -> lis
 
 
 def load_completions(
-    files: str | Path | Sequence[str | Path], tokenizer: Any, data_cfg: Any, skipped_path: str | Path | None = None
+    files: str | Path | Sequence[str | Path], tokenizer: Any, data_cfg: Any, skipped_path: str | Path | None = None,
+    labels: bool = False,
 ) -> tuple[list[TokenizedCompletion], CompletionSummary]:
     """Read, validate, tokenise and truncate every completion row of `files` (specs, or a `DataFiles`
     from `data_files` that also selects rows), as `dpokit.data.pairs.load_pairs` does for pairs: the
@@ -538,7 +570,8 @@ def load_completions(
 
     `data_cfg` needs `max_length`, `max_prompt_length`, `truncation_mode`, `sft_target`, `sft_loss_on`
     and may have `on_bad_row`, `columns`, `format` and the Hub split keys. TokenizedCompletion.index
-    is the example's position in the returned list.
+    is the example's position in the returned list. `labels` (`dpokit kto`): rows carry a boolean
+    `label`, kept in TokenizedCompletion.label.
     """
     on_bad_row = getattr(data_cfg, "on_bad_row", "error")
     if on_bad_row not in ("error", "skip"):
@@ -549,7 +582,7 @@ def load_completions(
     paths = [p for entry in sources for p in entry]
     recs, counts = _read_records(sources, data_cfg)
     picks = plan.select(counts)
-    raw, where, skipped = _normalize(recs, list(dict.fromkeys(picks)), data_cfg, skip)
+    raw, where, skipped = _normalize(recs, list(dict.fromkeys(picks)), data_cfg, skip, labels)
     del recs
     try:
         encoded = _encode_all(raw, tokenizer, data_cfg, skip)
@@ -557,9 +590,11 @@ def load_completions(
         e.args = (e.args[0] + SKIP_HINT,)
         raise
     for r, enc in zip(raw, encoded):
+        if enc.example is not None:
+            enc.example.label = r.label
         if enc.error is not None:
             row = {"messages": r.messages} if r.is_chat else {"prompt": r.prompt, "completion": r.completion}
-            skipped.append(skip_record(enc.error, row, None))
+            skipped.append(skip_record(enc.error, row if r.label is None else {**row, "label": r.label}, None))
     if skipped_path is not None:
         write_skipped(skipped_path, skipped)
     summary = _summarize(paths, raw, encoded)
@@ -567,9 +602,12 @@ def load_completions(
     return finish_summary(summary, skipped, skipped_path, paths, _arrange(picks, where, encoded), unit="examples")
 
 
-def check_completions(files: str | Path | Sequence[str | Path], data_cfg: Any, rows: int = 8) -> None:
+def check_completions(
+    files: str | Path | Sequence[str | Path], data_cfg: Any, rows: int = 8, labels: bool = False
+) -> None:
     """A cheap look before any model loads: every file exists and is readable (Hub ids resolved), holds
-    rows of a kind `dpokit sft` reads, and (with data.on_bad_row=error) its first `rows` rows are valid."""
+    rows of a kind `dpokit sft` reads (`labels`: `dpokit kto`'s labelled rows), and (with
+    data.on_bad_row=error) its first `rows` rows are valid."""
     skip = getattr(data_cfg, "on_bad_row", "error") == "skip"
     for path in (p for entry in expand_sources(plan_files(files, data_cfg)) for p in entry):
         head: list[_Rec] = []
@@ -579,7 +617,7 @@ def check_completions(files: str | Path | Sequence[str | Path], data_cfg: Any, r
                 break
         if not head:
             _read_records([[path]], data_cfg)  # raises the empty-file error with its wording
-        _normalize(head, list(range(len(head))), data_cfg, skip)
+        _normalize(head, list(range(len(head))), data_cfg, skip, labels)
 
 
 # ----------------------------------------------------------------------------------------------

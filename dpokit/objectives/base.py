@@ -185,6 +185,10 @@ def evaluate_examples(
     Runs the one inference pass (`dpokit.models.inference`): the result does not depend on the
     order or the batch size beyond float summation order.
     """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # No gradient, so the module itself: the first DDP forward after a training step broadcasts the
+        # buffers (a collective), which would wait forever for a process that has no eval batch to run.
+        model = model.module
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()

@@ -18,6 +18,10 @@ Notation used in the docstrings: ``pi_c, pi_r`` policy log-probs, ``ref_c, ref_r
 log-probs, ``h = (pi_c - ref_c) - (pi_r - ref_r)`` the DPO log-ratio margin, ``|y|`` a response
 length, ``sigma`` the logistic function.
 
+KTO (`dpokit kto`) is not a pair loss: `kto_loss` takes each example's completion log-probs, its label
+(desirable or not) and the batch's reference point z0 (`kto_reference_point`), and has its own small
+registry, `UNPAIRED_LOSSES`.
+
 Imports only torch (and the stdlib-only `dpokit.errors`).
 """
 
@@ -36,6 +40,8 @@ from dpokit.config import LOSS_TYPES
 from dpokit.errors import ConfigError
 
 __all__ = [
+    "KTOLossOutput",
+    "KTOParams",
     "LOSSES",
     "LossFn",
     "LossOutput",
@@ -50,6 +56,9 @@ __all__ = [
     "robust_loss",
     "sigmoid_loss",
     "simpo_loss",
+    "UNPAIRED_LOSSES",
+    "kto_loss",
+    "kto_reference_point",
 ]
 
 
@@ -434,3 +443,102 @@ def compute_loss(
         nll = -policy_chosen_logps / _lengths(chosen_lengths, policy_chosen_logps)  # (B,) mean NLL per token
         out = out._replace(losses=out.losses + nll_weight * nll)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# unpaired losses: KTO
+
+
+class KTOLossOutput(NamedTuple):
+    """Per-example result of an unpaired loss (`kto_loss`).
+
+    Attributes:
+        losses: (B,) per-example weighted loss, unreduced (the trainer takes the mean).
+        rewards: (B,) detached implicit reward ``beta * (pi - ref)`` of each completion.
+    """
+
+    losses: Tensor
+    rewards: Tensor
+
+
+@dataclass(frozen=True)
+class KTOParams:
+    """Hyper-parameters of KTO (`dpokit kto`: loss.beta, kto.desirable_weight, kto.undesirable_weight).
+
+    Attributes:
+        beta: Scales the log-ratios inside the value function (TRL's KTOConfig.beta). Must be > 0.
+        desirable_weight: lambda_D, the weight of a desirable (label true) example's loss.
+        undesirable_weight: lambda_U, the weight of an undesirable (label false) example's loss.
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"KTO beta (loss.beta) must be a finite number > 0, got {self.beta}")
+        weights = (("desirable_weight", self.desirable_weight), ("undesirable_weight", self.undesirable_weight))
+        for name, value in weights:
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"kto.{name} must be a finite number >= 0, got {value}")
+
+
+def kto_reference_point(
+    policy_kl_logps: Tensor, ref_kl_logps: Tensor, reduce_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """KTO's reference point z0: the KL estimate of a batch, ``max(0, mean_j (pi'_j - ref'_j))``, detached.
+
+    ``pi'_j`` / ``ref'_j`` (B,) are the summed policy / reference log-probs of MISMATCHED sequences:
+    example j's prompt followed by another example's completion (TRL's KL sequences). With
+    `reduce_sum` (`Dist.reduce_sum`: a sum over processes) the mean is over every process's examples,
+    sum of the sums / sum of the counts; with equal batches per process that is TRL's mean of the
+    per-process means (`gather_for_metrics(kl).mean()`). The clamp comes after the mean, as in TRL.
+
+    Example: pi' = [-3, -5], ref' = [-4, -4] -> diffs [1, -1] -> mean 0 -> z0 = 0; pi' = [-3, -3]
+    -> diffs [1, 1] -> z0 = 1; pi' = [-5, -5] -> mean -1 -> clamped: z0 = 0.
+    """
+    diff = (policy_kl_logps.detach().float() - ref_kl_logps.detach().float())  # (B,)
+    packed = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), device=diff.device)])  # (2,) sum, count
+    if reduce_sum is not None:
+        packed = reduce_sum(packed)
+    return (packed[0] / packed[1].clamp(min=1.0)).clamp(min=0.0)  # ()
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor, params: KTOParams) -> KTOLossOutput:
+    """KTO (Ethayarajh et al. 2024, Eq. 7-8; TRL's KTOTrainer, loss_type="kto"): a per-example loss on
+    labelled completions, no pairs.
+
+    With ``r = pi - ref`` (summed completion log-probs) and the reference point ``z0 = kl``
+    (`kto_reference_point`, detached):
+
+        desirable (label true):     loss = lambda_D * (1 - sigma(beta * (r - z0)))
+        undesirable (label false):  loss = lambda_U * (1 - sigma(beta * (z0 - r)))
+
+    computed as ``sigma(-z)`` (= 1 - sigma(z), without the cancellation). Rewards: ``beta * r``.
+    The mean over a batch is TRL's loss (``losses.nanmean()`` over the batch's desirable and
+    undesirable examples together).
+
+    Example: beta = 0.1, z0 = 1, lambda_D = 1, lambda_U = 2; a desirable example with r = 3 has
+    loss 1 - sigma(0.1 * (3 - 1)) = 1 - sigma(0.2) = 0.450166; an undesirable one with r = -1 has
+    loss 2 * (1 - sigma(0.1 * (1 - (-1)))) = 2 * 0.450166 = 0.900332. Rewards 0.3 and -0.1.
+
+    Args:
+        policy_logps: (B,) summed policy log-probs of each completion given its prompt.
+        ref_logps: (B,) the same under the reference.
+        labels: (B,) bool, True = desirable.
+        kl: () the reference point z0 (>= 0).
+        params: beta and the two weights.
+    """
+    labels = labels.to(device=policy_logps.device, dtype=torch.bool)
+    ratio = policy_logps - ref_logps  # (B,) r
+    z = params.beta * torch.where(labels, ratio - kl, kl - ratio)  # (B,)
+    weights = torch.where(labels, params.desirable_weight, params.undesirable_weight).to(z.dtype)  # (B,)
+    return KTOLossOutput(weights * torch.sigmoid(-z), params.beta * ratio.detach())
+
+
+UnpairedLossFn = Callable[[Tensor, Tensor, Tensor, Tensor, KTOParams], KTOLossOutput]
+
+# The unpaired losses (per-example labels and a reference point, not pairs: `dpokit kto`), by name.
+# The pair registry `LOSSES` does not fit them (its functions take chosen/rejected tensors).
+UNPAIRED_LOSSES: dict[str, UnpairedLossFn] = {"kto": kto_loss}

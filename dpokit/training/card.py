@@ -40,8 +40,14 @@ CardKind = Literal["model", "adapter", "merged"]
 _OBJECTIVE_TAGS: dict[str, list[str]] = {"dpo": ["dpo"], "reward": ["reward-model", "reward"], "rl": ["rlhf"]}
 _COMMANDS: dict[str, str] = {"dpo": "train"}
 # Config sections an objective does not read: left out of its card's reproduce config (defaults then apply).
-_UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {"sft": ("loss", "reference", "reward"),
-                                                 "rl": ("data", "loss", "reference", "reward")}
+_OTHERS = ("reward", "kto", "rl", "iterate")  # the sections of one objective each
+_UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "dpo": ("reward", "kto", "rl", "iterate"),
+    "sft": ("loss", "reference", *_OTHERS),
+    "reward": ("loss", "reference", "kto", "rl", "iterate"),
+    "kto": ("reward", "rl", "iterate"),
+    "rl": ("data", "loss", "reference", "reward", "kto", "iterate"),
+}
 # Bookkeeping fields of a training row: not results, so not in the card's metrics table.
 _NOT_RESULTS = {"step", "lr", "tokens_per_sec", "epoch", "skipped_steps", "warnings", "rollout_tokens_per_sec",
                 "train_tokens_per_sec", "time/rollout", "time/update", "time/step", "finite_updates"}
@@ -308,6 +314,12 @@ def _objective_section(facts: RunFacts, kind: CardKind) -> list[str]:
         steps = (f"{facts.steps} RL steps of {r.get('prompts_per_step')} prompts (each {r.get('ppo_epochs')} x "
                  f"{r.get('num_minibatches')} optimizer steps), learning rate {_fmt(t.get('lr'))}.")  # fmt: skip
         settings = _settings_table("rl", r)
+    elif facts.objective == "kto":  # unpaired completions: KTO's value function, not loss.type
+        k, beta = c.get("kto", {}), _fmt(c.get("loss", {}).get("beta"))
+        head = (f"KTO on completions labelled desirable / undesirable, beta {beta} (loss.beta), weights "
+                f"{_fmt(k.get('desirable_weight'))} / {_fmt(k.get('undesirable_weight'))}, reference point: the KL "
+                "estimate on mismatched prompt/completion pairs; ")  # fmt: skip
+        settings = [*_settings_table("kto", k), *_settings_table("reference", c.get("reference", {}))]
     else:
         head = f"{facts.objective.upper()}, loss `{c.get('loss', {}).get('type')}`, beta {_fmt(c.get('loss', {}).get('beta'))}; "
         settings = [*_settings_table("loss", c.get("loss", {})), *_settings_table("reference", c.get("reference", {}))]

@@ -37,6 +37,7 @@ from dpokit.models.layout import attn_implementation_of, base_config
 from dpokit.models.loading import apply_checkpointing, resolve_dtype
 from dpokit.objectives.base import MetricAccumulator, Objective, ObjectiveSetup, evaluate_examples
 from dpokit.objectives.dpo import DPOObjective
+from dpokit.objectives.kto import KTOObjective
 from dpokit.objectives.reward import RewardObjective
 from dpokit.objectives.sft import SFTObjective
 from dpokit.training import card as cards
@@ -48,8 +49,10 @@ from dpokit.training.optim import build_optimizer, build_scheduler, total_steps
 from dpokit.training.signals import StopSignals
 
 # The objectives on this loop by `Objective.name`: `dpokit train` trains "dpo", `dpokit sft` "sft",
-# `dpokit reward` "reward" (the CLI and `dpokit compare` pick them here).
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (DPOObjective, SFTObjective, RewardObjective)}
+# `dpokit reward` "reward", `dpokit kto` "kto" (the CLI and `dpokit compare` pick them here).
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (DPOObjective, SFTObjective, RewardObjective, KTOObjective)
+}
 
 
 @dataclass

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpokit import resources
 from dpokit.config import Config
 from dpokit.launch import free_port
 from dpokit.objectives.sft import SFTObjective
@@ -170,8 +171,12 @@ def test_fsdp_lora_with_a_reference_cache_written_by_one_process(tmp_path: Path)
 
 def test_ddp_precompute_sharded_then_reused_by_one_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two processes each compute half of the reference log-probs and gather them into one cache;
-    a later one-process run finds it, and trains the same steps (DDP == one process)."""
-    pre = ["train.max_steps=3", "reference.precompute=true"]
+    a later one-process run finds it, and trains the same steps (DDP == one process). The eval set is
+    one batch, so rank 1 has none to run: its evaluation must not wait on rank 0's (DDP's first forward
+    after a training step is a collective; evaluation runs the module unwrapped)."""
+    few = tmp_path / "eval5.jsonl"
+    few.write_text("".join(resources.resolve_builtin("builtin:toy/eval.jsonl").read_text().splitlines(True)[:5]))
+    pre = ["train.max_steps=3", "reference.precompute=true", f"data.eval_files=[{few}]"]
     cache = tmp_path / "cache"
     proc = _launch(tmp_path / "ddp", pre, DPOKIT_CACHE=str(cache))
     assert "reference log-probs [train]: cache miss, computed" in proc.stdout

@@ -109,7 +109,7 @@ def test_installed_wheel_works_from_any_folder(tmp_path: Path) -> None:
     lora = yaml.safe_load(_run([dpokit, "config", "--preset", "lora"], cwd=work, env=env))
     assert Config.from_dict(lora) == Config.from_preset("lora")
     listed = _run([dpokit, "config", "--list-presets"], cwd=work, env=env)
-    assert [line.split()[0] for line in listed.splitlines()] == ["demo", "full", "lora", "reward-reviews", "reward-tiny", "rl-reviews", "rl-tiny", "sft-reviews", "sft-tiny", "tiny"]
+    assert [line.split()[0] for line in listed.splitlines()] == ["demo", "full", "iterate-reviews", "iterate-tiny", "kto-tiny", "lora", "reward-reviews", "reward-tiny", "rl-reviews", "rl-tiny", "sft-reviews", "sft-tiny", "tiny"]
 
     _write_user_files(work)
     out = _run([dpokit, "train", "my.yaml"], cwd=work, env=env)

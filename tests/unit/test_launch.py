@@ -135,7 +135,7 @@ def test_fewer_than_one_process_is_refused(no_exec: None, n: int) -> None:
 def test_rl_refuses_several_processes(no_exec: None, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DpokitError, match="dpokit rl runs in one process") as err:
         launch.maybe_relaunch("rl", ["rl", "--num-processes", "2"], 2, "ddp")
-    assert "DPO, SFT and reward" in str(err.value)
+    assert "DPO, SFT, reward models and KTO" in str(err.value)
     monkeypatch.setenv("WORLD_SIZE", "2")  # also as a launched worker
     with pytest.raises(DpokitError, match="dpokit rl runs in one process"):
         launch.maybe_relaunch("rl", ["rl"], 2, "ddp")

@@ -15,7 +15,7 @@ from dpokit.config import Config
 from dpokit.errors import ConfigError
 from tests.conftest import ASSETS, PRESETS
 
-SHIPPED_PRESETS = ["demo", "full", "lora", "reward-reviews", "reward-tiny", "rl-reviews", "rl-tiny", "sft-reviews", "sft-tiny", "tiny"]
+SHIPPED_PRESETS = ["demo", "full", "iterate-reviews", "iterate-tiny", "kto-tiny", "lora", "reward-reviews", "reward-tiny", "rl-reviews", "rl-tiny", "sft-reviews", "sft-tiny", "tiny"]
 
 
 def _builtin_paths(cfg: Config) -> list[str]:
