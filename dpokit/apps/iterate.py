@@ -203,7 +203,7 @@ def sample_pairs(k: int, model: Any, tokenizer: Any, prompts: Sequence[str], jud
         seed=it.seed + k, batch_size=it.gen_batch_size,
     )  # fmt: skip
     write_jsonl(out / f"round-{k}" / "pairs.jsonl", rows)
-    if not rows:
+    if not rows and k == 1:  # later rounds stop gracefully (`too_few_pairs`): earlier rounds trained
         raise DpokitError(
             f"round {k}: no pairs kept ({stats.summary()}); try more iterate.n_samples, a lower iterate.min_gap "
             "or longer responses (iterate.max_new_tokens)"
@@ -284,8 +284,12 @@ def run_iterate(cfg: Config, doc: str | None = None, log: Log = _stderr) -> Iter
     judge = load_judge(it.judge, cfg, it.score_batch_size)  # a bad judge fails before any model loads
     sources.materialize_gguf(cfg.model.name_or_path, log=log)  # a GGUF start is dequantised once, reused
     rows: list[RoundRow] = []
-    policy, stats, pair_seconds = cfg.model.name_or_path, None, 0.0
+    policy, stats, pair_seconds, stopped = cfg.model.name_or_path, None, 0.0, None
     for k in range(it.rounds + 1):
+        stopped = too_few_pairs(cfg, k, stats)
+        if stopped:  # the judge no longer separates the policy's samples: nothing left to learn from
+            log(f"[iterate] {stopped}")
+            break
         row = RoundRow(round=k, policy=policy, heldout_score=None, kl=None, kl_sem=None, heldout_length=0.0)
         if k > 0:
             row.seconds["pairs"], row.reference = pair_seconds, reference_name(cfg, k)
@@ -307,12 +311,23 @@ def run_iterate(cfg: Config, doc: str | None = None, log: Log = _stderr) -> Iter
         with (out / ROWS_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps(asdict(row)) + "\n")
         log(f"[iterate] round {k}: " + " | ".join(table_cells(row)))
-    return finish(cfg, rows, out, doc, heldout[0])
+    return finish(cfg, rows, out, doc, heldout[0], stopped)
 
 
-def finish(cfg: Config, rows: list[RoundRow], out: Path, doc: str | None, first_prompt: str) -> IterateResult:
-    """Write iterate.md (and the ``doc`` copy), print the table."""
-    text = render_markdown(cfg, rows, first_prompt)
+def too_few_pairs(cfg: Config, k: int, stats: PairStats | None) -> str | None:
+    """Why round k cannot train (fewer kept pairs than one optimizer step takes), or None."""
+    step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    if k == 0 or stats is None or stats.kept >= step:
+        return None
+    return (f"round {k} kept {stats.kept} pair(s) from {stats.prompts} prompts, fewer than one optimizer step's {step}: "
+            f"the judge no longer separates the samples of round {k - 1}'s policy by iterate.min_gap "
+            f"({cfg.iterate.min_gap:g}); stopped after round {k - 1}")  # fmt: skip
+
+
+def finish(cfg: Config, rows: list[RoundRow], out: Path, doc: str | None, first_prompt: str,
+           stopped: str | None = None) -> IterateResult:  # fmt: skip
+    """Write iterate.md (and the ``doc`` copy), print the table (and why the rounds stopped early)."""
+    text = render_markdown(cfg, rows, first_prompt, stopped)
     files = {"rows": str(out / ROWS_FILE), "markdown": str(out / DOC_FILE)}
     (out / DOC_FILE).write_text(text, encoding="utf-8")
     if doc:
@@ -320,6 +335,8 @@ def finish(cfg: Config, rows: list[RoundRow], out: Path, doc: str | None, first_
         Path(doc).write_text(text, encoding="utf-8")
         files["doc"] = doc
     print(markdown_table(cfg.iterate.judge, rows))
+    if stopped:
+        print(f"stopped early: {stopped}")
     print(f"wrote {files['rows']}, {files['markdown']}" + (f", {doc}" if doc else ""))
     return IterateResult(rows, files)
 
@@ -350,7 +367,7 @@ def markdown_table(judge: str, rows: Sequence[RoundRow]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(cfg: Config, rows: Sequence[RoundRow], first_prompt: str) -> str:
+def render_markdown(cfg: Config, rows: Sequence[RoundRow], first_prompt: str, stopped: str | None = None) -> str:
     """OUT/iterate.md: what ran, the table, what its columns mean, the files, one example per round."""
     from dpokit.eval.scoring import KL_ESTIMATOR
 
@@ -375,6 +392,7 @@ def render_markdown(cfg: Config, rows: Sequence[RoundRow], first_prompt: str) ->
         "",
         markdown_table(it.judge, rows),
         "",
+        *([f"**Stopped early**: {stopped}.", ""] if stopped else []),
         f"*held-out {it.judge}*: mean judge score of one response per prompt to the first {it.heldout_prompts} "
         f"prompts of `{it.heldout_file}`, sampled with the same seed ({it.heldout_seed}) for every round. "
         f"*KL*: {KL_ESTIMATOR}, against the starting model, over those samples ({kl_note}). "

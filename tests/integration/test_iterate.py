@@ -16,10 +16,13 @@ from dpokit.apps.iterate import (
     RoundRow,
     check_config,
     markdown_table,
+    render_markdown,
     round_config,
     round_prompts,
     run_iterate,
+    too_few_pairs,
 )
+from dpokit.apps.pairs import PairStats
 from dpokit.cli import main
 from dpokit.config import Config
 from dpokit.errors import ConfigError
@@ -159,3 +162,17 @@ def test_command_line_refuses_a_previous_run_and_a_missing_config(
     assert "holds a previous `dpokit iterate` run" in capsys.readouterr().err
     assert main(["iterate"]) == 2
     assert "dpokit iterate needs a config" in capsys.readouterr().err
+
+
+def test_a_round_with_fewer_pairs_than_a_step_stops_the_rounds_with_why() -> None:
+    """A judge that no longer separates the policy's samples (a saturated reward) leaves too few pairs for
+    one optimizer step: the rounds stop after the last trained one and the report says why (round 1 with
+    no pairs at all is an error, raised where the pairs are built)."""
+    cfg = Config.from_preset("iterate-tiny").override(["train.micro_batch_size=4", "train.grad_accum_steps=2"])
+    assert too_few_pairs(cfg, 0, None) is None
+    assert too_few_pairs(cfg, 3, PairStats(kept=8, prompts=96)) is None
+    why = too_few_pairs(cfg, 3, PairStats(kept=1, prompts=96))
+    assert why is not None and "round 3 kept 1 pair(s) from 96 prompts" in why and "one optimizer step's 8" in why
+    assert why.endswith("stopped after round 2")
+    rows = [RoundRow(round=0, policy="m", heldout_score=0.1, kl=None, kl_sem=None, heldout_length=3.0, example="x")]
+    assert f"**Stopped early**: {why}." in render_markdown(cfg, rows, "p", why)
