@@ -218,7 +218,10 @@ def test_two_ddp_processes_equal_one(tmp_path: Path) -> None:
         assert a.keys() == b.keys()
         for k, v in a.items():
             if isinstance(v, float) and k != "tokens_per_sec":
-                assert abs(v - b[k]) <= 1e-5 * max(1.0, abs(v)), (a["step"], k, v, b[k])
+                # float32 summation order differs between 1 and 2 processes; after two steps at lr 1e-2 it shows
+                # in the 6th digit (measured: z0 0.296041 vs 0.296031); a z0 not pooled over both processes
+                # differs in the 1st (tests/unit/test_kto.py)
+                assert abs(v - b[k]) <= 1e-4 * max(1.0, abs(v)), (a["step"], k, v, b[k])
     assert one[2]["kl"] > 0  # z0 itself is compared, not only the clamp's 0
     wa, wb = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "ddp"))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=5e-5) for k in wa)
