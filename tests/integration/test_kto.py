@@ -32,6 +32,11 @@ from tests.conftest import TOY
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
 REPO = Path(__file__).resolve().parents[2]
+# Weights, DDP vs one process: AdamW's first steps divide by sqrt(v), so a parameter whose gradient is ~0 moves
+# by up to ~lr times a noise-level ratio that float32 summation order changes (as tests/integration/test_distributed.py).
+# At this test's lr 1e-2 (needed for a z0 > 0 by step 3): 4.1e-5 here, more in a CI run; 2e-4 is 2% of one step,
+# while a wrong z0 or a batch split differently changes the loss and moves weights by O(lr).
+WEIGHT_TOL = 2e-4
 TOL = 1e-4  # TRL parity (measured: loss <= 4e-8, z0 <= 2e-6, summed log-probs of ~-60 <= 6e-6: float32 order)
 STEPS = 8
 
@@ -224,4 +229,5 @@ def test_two_ddp_processes_equal_one(tmp_path: Path) -> None:
                 assert abs(v - b[k]) <= 1e-4 * max(1.0, abs(v)), (a["step"], k, v, b[k])
     assert one[2]["kl"] > 0  # z0 itself is compared, not only the clamp's 0
     wa, wb = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "ddp"))
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=5e-5) for k in wa)
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert wa.keys() == wb.keys() and worst <= WEIGHT_TOL, worst
