@@ -42,7 +42,7 @@ _COMMANDS: dict[str, str] = {"dpo": "train"}
 # Config sections an objective does not read: left out of its card's reproduce config (defaults then apply).
 _OTHERS = ("reward", "kto", "rl", "iterate")  # the sections of one objective each
 _UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {
-    "dpo": ("reward", "kto", "rl", "iterate"),
+    "dpo": _OTHERS,
     "sft": ("loss", "reference", *_OTHERS),
     "reward": ("loss", "reference", "kto", "rl", "iterate"),
     "kto": ("reward", "rl", "iterate"),
