@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from dpokit import launch, resources
 from dpokit.config import Config, trl_hint
-from dpokit.errors import ConfigError, DpokitError
+from dpokit.errors import ConfigError, DpokitError, WriteError
 
 
 def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -73,18 +73,21 @@ def _training_command(args: argparse.Namespace, command: str, example_preset: st
     from dpokit.rl.loop import train_rl
     from dpokit.training.loop import OBJECTIVES, train
 
-    if command == "rl":  # RL reuses the training pieces, not the training loop (dpokit.rl.loop)
-        result: Any = train_rl(cfg)
-    else:
-        result = train(cfg, objective=OBJECTIVES[{"train": "dpo"}.get(command, command)](cfg))
+    again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
+    base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
+    again_cmd = shlex.join(["dpokit", command, *launch.launch_flags(), *base, *again])
+    try:
+        if command == "rl":  # RL reuses the training pieces, not the training loop (dpokit.rl.loop)
+            result: Any = train_rl(cfg)
+        else:
+            result = train(cfg, objective=OBJECTIVES[{"train": "dpo"}.get(command, command)](cfg))
+    except WriteError as exc:  # the disk is full or failing: the exact command that continues the run
+        raise exc.elaborate(then=f"{exc.then}: {again_cmd}" if exc.then else f"To continue: {again_cmd}") from None
     if args.own_process:  # a launched worker exits next: its process group must not outlive the run
         close_process_group()
     if result.already_complete:  # train.resume=auto on a finished run: the message was printed
         return 0
     if result.stopped_by:  # SIGINT/SIGTERM: a checkpoint was written; say how to go on
-        again = [o for o in overrides if not o.startswith("train.resume=")] + ["train.resume=auto"]
-        base = (["--preset", args.preset] if args.preset else []) + ([config] if config else [])
-        again_cmd = shlex.join(["dpokit", command, *launch.launch_flags(), *base, *again])
         if launch.is_main_process():
             print(f"stopped at step {result.steps} (checkpoint {result.checkpoint}); to continue: {again_cmd}", file=sys.stderr)
         return 128 + result.stopped_by  # the shell's code for death by that signal: the run is not finished
@@ -477,14 +480,20 @@ def main(argv: list[str] | None = None) -> int:
     args.own_process = own_process
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        launch.record_outcome(code)  # a launched run's main worker: the supervising process exits with it
+        return code
     except DpokitError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = exc.exit_code if isinstance(exc, WriteError) else 2
+        launch.record_outcome(code, str(exc))
+        if not isinstance(exc, WriteError) or launch.is_main_process():  # every process has the same WriteError
+            print(f"error: {exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        launch.record_outcome(130)
         return 130
 
 

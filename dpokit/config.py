@@ -339,7 +339,8 @@ class TrainConfig:
     )
     log_every: int = _f(10, "optimizer steps between log lines / metrics.jsonl rows")
     eval_every: int = _f(0, "optimizer steps between evaluations (0 = only at the end)")
-    save_every: int = _f(0, "optimizer steps between checkpoints (0 = only the final model)")
+    save_every: int = _f(0, "optimizer steps between checkpoints (0 = none during the run; the last step's is always written, "
+                             "and kept only when this is > 0: it lets train.resume=auto finish an interrupted final save)")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep in output_dir/checkpoints")
     resume: str | bool = _f(
         "no",

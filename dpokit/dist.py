@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, WriteError
 
 
 @dataclass
@@ -150,6 +150,19 @@ class Dist:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
+    def first_failure(self, failure: WriteError | None) -> WriteError | None:
+        """Collective: every process learns the write failure of any process (the lowest rank's), so
+        that all of them stop with its message instead of the others waiting for it at a barrier."""
+        if self.world == 1:
+            return failure
+        mine = None if failure is None else (failure.path, failure.reason)
+        gathered: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(gathered, mine)
+        for rank, found in enumerate(gathered):
+            if found is not None:
+                return WriteError(found[0], f"{found[1]} (on process {rank})" if self.world > 1 else found[1])
+        return None
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """The main process runs the block first (e.g. writes a cache), the others after it."""
@@ -176,6 +189,11 @@ def is_deepspeed_engine(model: Any) -> bool:
 def launched_world() -> int:
     """The number of processes the launcher (torchrun, `accelerate launch`) started: WORLD_SIZE, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (RANK), before any process group exists; 0 alone."""
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def close_process_group() -> None:

@@ -13,6 +13,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+RUN_COMPLETE = "run_complete.json"  # written last into a training run's folder: the run finished
+
+
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Create `path` by calling `write(temporary_path)` and renaming the result into place."""
@@ -26,3 +29,30 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def fsync(path: Path) -> None:
+    """Flush a written file to the disk (a rename after it then never publishes lost data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable; some file systems refuse to fsync a folder, which is fine."""
+    try:
+        fsync(path)
+    except OSError:
+        pass
+
+
+def unfinished_run(folder: Path) -> bool:
+    """Is `folder` (or the run folder it is the ``merged/`` model of) a dpokit training run that did
+    not finish? Its model files may be missing, partial or from an older save: only a run with
+    `RUN_COMPLETE` is read as a model."""
+    for run in (folder, folder.parent) if folder.name == "merged" else (folder,):
+        if (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file() and not (run / RUN_COMPLETE).is_file():
+            return True
+    return False

@@ -4,19 +4,27 @@
     -> python -m accelerate.commands.launch --config_file .../assets/accelerate/fsdp.yaml
          --num_processes 2 --main_process_port PORT -m dpokit train my.yaml
 
-The dpokit process is replaced (`os.execve`), not forked: a SIGTERM or Ctrl-C sent to it reaches
-Accelerate's launcher, which forwards it to the workers, and the exit status is the launcher's. The
-workers see WORLD_SIZE (set by the launcher) and train; they never launch again (DPOKIT_LAUNCH_FLAGS
-tells them the flags, for the "to continue" command after a signal). `dpokit rl` stays in one
-process. Imports the standard library, `dpokit.resources` and `dpokit.errors` only.
+The dpokit process starts the launcher and waits for it (`_supervise`): a SIGTERM sent to it is
+passed on to the launcher, which forwards it to the workers (a Ctrl-C on the terminal reaches them
+all directly). The workers see WORLD_SIZE (set by the launcher) and train; they never launch again
+(DPOKIT_LAUNCH_FLAGS tells them the flags, for the "to continue" command). The exit status is the
+main worker's own (`record_outcome`: 74 for a failed write, 128+N after signal N, 2 for an error),
+not the launcher's generic 1; when the launcher reports a failure, the main worker's error line is
+repeated last, below the launcher's report. `dpokit rl` stays in one process. Imports the standard
+library, `dpokit.resources` and `dpokit.errors` only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 
 from dpokit import allocator, resources
 from dpokit.errors import ConfigError, DpokitError
@@ -103,7 +111,7 @@ def maybe_preload_allocator(argv: list[str]) -> None:
 def maybe_relaunch(command: str, argv: list[str], num_processes: int, accelerate_config: str | None) -> None:
     """Re-run `dpokit <argv>` under `accelerate launch` when more than one process is asked for and
     this process is not a launched worker already (WORLD_SIZE unset); returns when there is nothing
-    to do (one process, or a worker). Does not return when it launches: the process is replaced."""
+    to do (one process, or a worker). Does not return when it launches: it exits with the run's status."""
     if num_processes < 1:
         raise ConfigError(f"{NUM_PROCESSES_FLAG} must be >= 1 (got {num_processes})")
     if num_processes == 1:
@@ -122,4 +130,53 @@ def maybe_relaunch(command: str, argv: list[str], num_processes: int, accelerate
     flags += [ACCELERATE_CONFIG_FLAG, config] if config != DEFAULT_ACCELERATE_CONFIG else []
     print(f"dpokit {command}: launching {num_processes} processes: {shlex.join(cmd)}", flush=True)
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, {**os.environ, LAUNCH_FLAGS_ENV: shlex.join(flags)})
+    sys.exit(_supervise(cmd, {**os.environ, LAUNCH_FLAGS_ENV: shlex.join(flags)}))
+
+
+def _supervise(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher, pass SIGTERM on to it, and return the main worker's exit status."""
+    fd, outcome = tempfile.mkstemp(prefix="dpokit-outcome-", suffix=".json")
+    os.close(fd)
+    proc = subprocess.Popen(cmd, env={**env, OUTCOME_ENV: outcome})
+    # Ctrl-C reaches every process of the terminal's group by itself; passing it on again would count
+    # as a second one (abort at once). A SIGTERM is sent to this process alone: pass it on.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, ignored)
+    launcher = code if code >= 0 else 128 - code  # killed by a signal: the shell's number for it
+    recorded = _read_outcome(outcome)
+    if recorded is None or (launcher != 0 and not recorded.get("code")):  # another worker failed
+        return launcher
+    if launcher != 0 and recorded.get("message"):
+        print(f"error: {recorded['message']}", file=sys.stderr, flush=True)
+    return int(str(recorded["code"]))
+
+
+def _read_outcome(path: str) -> dict[str, object] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+OUTCOME_ENV = "DPOKIT_OUTCOME"  # the file the main worker writes its exit status (and error) into
+
+
+def record_outcome(code: int, message: str = "") -> None:
+    """In the main worker of a `--num-processes` run: tell the supervising dpokit process how the run
+    ended (its exit status and error line). No-op anywhere else."""
+    path = os.environ.get(OUTCOME_ENV)
+    if not path or not is_main_process():
+        return
+    with contextlib.suppress(OSError):
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"code": code, "message": message}, fh)

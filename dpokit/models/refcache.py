@@ -40,6 +40,7 @@ from dpokit.data.cache import cache_dir, tokenizer_fingerprint
 from dpokit.data.cache import hash_json as _hash_json
 from dpokit.data.collate import TokenizedPair
 from dpokit.dist import Dist
+from dpokit.errors import io_reason
 from dpokit.fileio import atomic_write
 from dpokit.models.inference import inference_batches
 from dpokit.models.loading import load_model_and_tokenizer
@@ -287,8 +288,12 @@ def save_table(path: Path, table: RefTable, manifest: dict[str, Any], key: str) 
     try:
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta))
         return True
-    except OSError as exc:
-        warnings.warn(f"could not write reference cache {path}: {exc}", RefCacheWarning, stacklevel=2)
+    except Exception as exc:  # OSError, or safetensors' own error type for a full disk
+        reason = io_reason(exc, path)
+        if reason is None:
+            raise
+        warnings.warn(f"could not write the reference cache {path}: {reason}; training goes on with the numbers "
+                      "just computed (the next run computes them again)", RefCacheWarning, stacklevel=2)  # fmt: skip
         return False
 
 

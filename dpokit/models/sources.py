@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dpokit.data import hub
-from dpokit.errors import ModelError
+from dpokit.errors import ModelError, WriteError, io_reason
+from dpokit.fileio import RUN_COMPLETE, unfinished_run
 
 if TYPE_CHECKING:  # heavy imports stay lazy: resolving a source must not import transformers
     from collections.abc import Callable
@@ -240,6 +241,12 @@ def _resolve_local(text: str, path: Path) -> ModelSource:
             return ModelSource("gguf", path.resolve().parent, path.name, name=text)
         raise ModelError(
             f"model '{text}' is a file but not a .gguf file; pass the model folder (the one with config.json) instead"
+        )
+    if unfinished_run(path):
+        raise ModelError(
+            f"'{text}' is the folder of a dpokit run that did not finish (no {RUN_COMPLETE}): its model files may "
+            "be missing, partial or from an interrupted save. Finish it with the same command and "
+            "train.resume=auto (which completes an interrupted final save without training again)"
         )
     if (path / "config.json").is_file():
         return ModelSource("hf_dir", path.resolve(), None, name=text)
@@ -502,10 +509,15 @@ def save_pretrained_clean(model: Any, tokenizer: Any, out_dir: str | Path) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     try:
         model.save_pretrained(str(out))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"could not save model to {out}: {exc}") from exc
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    except Exception as exc:
+        reason = io_reason(exc, out)  # a full disk, an I/O error: the caller says what is kept
+        if reason is not None:
+            raise WriteError(str(getattr(exc, "filename", None) or out), reason) from None
+        if isinstance(exc, (ValueError, RuntimeError)):
+            raise ModelError(f"could not save model to {out}: {exc}") from exc
+        raise
     return out
 
 

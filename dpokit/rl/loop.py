@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpokit import faults
 from dpokit.config import Config
 from dpokit.data.files import read_prompts
 from dpokit.dist import launched_world
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, WriteError, writing
 from dpokit.eval.generate_eval import generation_config
 from dpokit.eval.judges import RowJudge, load_judge
 from dpokit.eval.sampling import generate_samples, render_prompt
@@ -139,12 +140,24 @@ def train_rl(cfg: Config, log: Callable[[str], Any] = print) -> RLResult:
         log(outputs.finished_message(out, done))
         return RLResult(out, done.steps, already_complete=True)
     prompt_rows = [p for f in cfg.rl.prompt_files for p in read_prompts(f)]  # bad files fail before any model loads
-    out, created = outputs.prepare(cfg)
+    claim = outputs.prepare(cfg)  # the folder's lock is held from here to the end of the run
     try:
-        run, state = _start(cfg, out, prompt_rows, log)
-    except BaseException:
-        outputs.discard_if_unused(out, created)
+        run, state = _start(cfg, claim.out, prompt_rows, log)
+    except BaseException as exc:
+        outputs.discard_if_unused(claim)
+        if isinstance(exc, WriteError):
+            raise outputs.write_failure(exc, claim.out) from None
         raise
+    try:
+        return _steps_and_finish(run, state, log)
+    except WriteError as exc:  # a full disk, an I/O error: what failed, what is kept, how to go on
+        raise outputs.write_failure(exc, claim.out) from None
+    finally:
+        claim.release()
+
+
+def _steps_and_finish(run: _Run, state: RLState, log: Callable[[str], Any]) -> RLResult:
+    cfg, out = run.cfg, run.out
     wall = time.perf_counter()
     with StopSignals() as signals:
         for step in range(state.step + 1, run.steps + 1):
@@ -159,8 +172,8 @@ def train_rl(cfg: Config, log: Callable[[str], Any] = print) -> RLResult:
                 log(f"{signal.Signals(signals.signum).name}: stopped after step {step}/{run.steps}; checkpoint {path}. "
                     "Run the same command with train.resume=auto to continue")  # fmt: skip
                 return RLResult(out, step, signals.signum, time.perf_counter() - wall, checkpoint=str(path))
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                _save_checkpoint(run, state)
+            if step == run.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                _save_checkpoint(run, state)  # the last step always: a kill in the final save resumes there
     return _finish(run, state, time.perf_counter() - wall)
 
 
@@ -193,7 +206,8 @@ def _start(cfg: Config, out: Path, prompt_rows: list[str], log: Callable[[str], 
     kl = L.AdaptiveKLController(cfg.rl.kl_coef, cfg.rl.kl_target, cfg.rl.kl_horizon)
     run = _Run(cfg, out, prompts, tokenizer, model, reference, reward, optimizer, scheduler, steps, kl, autocast)
     state = _resume(run, log)
-    cfg.save(out / "config.yaml")
+    with writing("the run's config", out / "config.yaml"):
+        cfg.save(out / "config.yaml")
     run.logger = M.MetricsLogger(out, cfg.train.report_to, append=state.step > 0, config=cfg.to_dict())
     run.bar = M.progress_bar(steps, cfg.train.progress_bar and sys.stderr.isatty(), state.step, f"rl-{cfg.rl.algorithm}")
     log(f"[rl] {cfg.rl.algorithm}: {steps} steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples()} samples, "
@@ -397,6 +411,7 @@ def _update(run: _Run, batch: RolloutBatch, stats: TokenStats, adv: Advantages, 
             norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             if ok and bool(torch.isfinite(norm)):
                 run.optimizer.step()
+                faults.reach("step.optimizer")
                 finite_updates += 1
                 grad_norms.append(float(norm))
                 for p in pieces:
@@ -476,13 +491,15 @@ def _state_dict(run: _Run, state: RLState) -> dict[str, Any]:
 
 def _save_checkpoint(run: _Run, state: RLState) -> Path:
     root = run.out / ckpt.CHECKPOINTS
+    tmp = ckpt.staging_dir(root, state.step)
     try:
-        tmp = ckpt.begin(root, state.step)
+        ckpt.begin(root, state.step)
         ckpt.write_rng(tmp, 0)
         return ckpt.write_and_publish(tmp, state.step, run.model, run.optimizer, run.scheduler, _state_dict(run, state),
                                       run.cfg.to_yaml(commented=False), 1, run.cfg.train.keep_checkpoints)  # fmt: skip
-    except OSError as exc:
-        raise DpokitError(f"could not write the checkpoint of step {state.step} in {root}: {exc}") from None
+    except WriteError as exc:
+        ckpt.discard(tmp)
+        raise exc.elaborate(what=f"the checkpoint of step {state.step}") from None
 
 
 def _resume(run: _Run, log: Callable[[str], Any]) -> RLState:
@@ -504,7 +521,11 @@ def _resume(run: _Run, log: Callable[[str], Any]) -> RLState:
     M.truncate_metrics(run.out / "metrics.jsonl", state.rows)
     if found.rng is not None:
         ckpt.set_rng_state(found.rng)
-    log(f"resumed from {found.path} (step {found.step} of {run.steps})")
+    if found.step >= run.steps:
+        log(f"resumed from {found.path}: training had finished (step {found.step} of {run.steps}) but the final "
+            "save had not; finishing it without training again")  # fmt: skip
+    else:
+        log(f"resumed from {found.path} (step {found.step} of {run.steps})")
     return state
 
 
@@ -522,13 +543,23 @@ def _finish(run: _Run, state: RLState, seconds: float) -> RLResult:
     run.bar.close()
     run.logger.close()
     run.optimizer.state.clear()  # free the optimizer state before the save copies the weights
-    written = save_final(run.model.policy, run.tokenizer, run.cfg, run.out)
     last = {}
     rows = (run.out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     if rows:
         last = json.loads(rows[-1])
-    cards.write_cards(written, cards.run_facts(run.cfg, run.steps, last, objective="rl"))
+
+    def write(stage: Path) -> dict[str, str]:  # into a staging folder, then renamed into place file by file
+        staged = save_final(run.model.policy, run.tokenizer, run.cfg, stage)
+        cards.write_cards(staged, cards.run_facts(run.cfg, run.steps, last, objective="rl"))
+        return staged
+
+    try:
+        written = outputs.write_final(run.out, write)
+    except WriteError as exc:
+        raise exc.elaborate(what="the final model") from None
     outputs.mark_complete(run.out, run.steps, written)  # last: only now does the folder hold a finished run
+    if not run.cfg.train.save_every:  # the final step's checkpoint was only a safety net for the save
+        ckpt.remove_checkpoint(run.out / ckpt.CHECKPOINTS, run.steps)
     return RLResult(run.out, run.steps, None, seconds, last)
 
 

@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpokit import faults
 from dpokit.dist import is_deepspeed_engine
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, WriteError, io_reason
+from dpokit.fileio import fsync, fsync_dir
 
 CHECKPOINTS = "checkpoints"  # folder under train.output_dir
 FORMAT = "dpokit-checkpoint"
@@ -156,19 +159,51 @@ def staging_dir(root: Path, step: int) -> Path:
 
 def begin(root: Path, step: int) -> Path:
     """Create an empty staging folder (main process), clearing leftovers of killed runs."""
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.iterdir():
-        if stale.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = staging_dir(root, step)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale(root)
+        tmp = staging_dir(root, step)
+        tmp.mkdir()
+    except OSError as exc:
+        raise WriteError(str(staging_dir(root, step)), io_reason(exc) or str(exc)) from None
     return tmp
+
+
+def remove_stale(root: Path) -> list[tuple[Path, int]]:
+    """Delete the staging folders of saves that were killed or failed (``.tmp-*``, ``.old-*``);
+    returns each with the bytes it held. Only for the process that holds the output folder's lock:
+    a live run's staging folder looks the same."""
+    removed = []
+    if root.is_dir():
+        for stale in sorted(root.iterdir()):
+            if stale.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) and stale.is_dir():
+                removed.append((stale, sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())))
+                shutil.rmtree(stale, ignore_errors=True)
+    return removed
+
+
+def discard(tmp: Path) -> None:
+    """Remove a staging folder whose save failed, so it does not hold the disk space."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write one file of a checkpoint and fsync it; an I/O failure (whatever the writer raises for
+    it: OSError, torch's RuntimeError, safetensors' error) becomes a WriteError naming the file."""
+    try:
+        write(path)
+        fsync(path)
+        faults.reach(f"checkpoint.file:{path.name}", path, path.stat().st_size)
+    except Exception as exc:
+        reason = io_reason(exc, path)
+        if reason is None:
+            raise
+        raise WriteError(str(path), reason) from None
 
 
 def write_rng(tmp: Path, rank: int) -> None:
     """Every process writes its own RNG state (after the main process created `tmp`)."""
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    _fsync(tmp / f"rng-{rank}.pt")
+    _write_file(tmp / f"rng-{rank}.pt", lambda f: torch.save(rng_state(), f))
 
 
 def _sharded_options() -> Any:
@@ -197,10 +232,30 @@ def write_sharded(tmp: Path, model: torch.nn.Module, optimizer: Any) -> None:
     or DeepSpeed's engine, which writes its own partitioned format there."""
     import torch.distributed.checkpoint as dcp
 
-    if is_deepspeed_engine(model):
-        model.save_checkpoint(str(tmp / SHARDED), tag=_DS_TAG, exclude_frozen_parameters=True)
-        return
-    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
+    try:
+        if is_deepspeed_engine(model):
+            model.save_checkpoint(str(tmp / SHARDED), tag=_DS_TAG, exclude_frozen_parameters=True)
+        else:  # DCP is collective: a failed write on any process raises on every process
+            dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp / SHARDED))
+        faults.reach("checkpoint.file:sharded", tmp / SHARDED)
+    except Exception as exc:
+        reason = _sharded_io_reason(exc, tmp)
+        if reason is None:
+            raise
+        raise WriteError(str(tmp / SHARDED), reason) from None
+
+
+def _sharded_io_reason(exc: Exception, tmp: Path) -> str | None:
+    """The I/O reason of a failed sharded write: DCP's CheckpointException carries each failed
+    process's exception (with its traceback) in `failures`."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for rank, wrapped in sorted(failures.items()):
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            reason = io_reason(inner, tmp) if isinstance(inner, BaseException) else None
+            if reason is not None:
+                return f"{reason} (process {rank})"
+    return io_reason(exc, tmp)
 
 
 _DS_TAG = "state"  # DeepSpeed's sub-folder name inside sharded/
@@ -241,36 +296,65 @@ def write_and_publish(
     """Write the main process's files into `tmp`, then rename it to ``step-N`` and prune old ones.
 
     `model=None`: the weights and optimizer state are already in ``tmp/sharded`` (`write_sharded`)."""
+    try:
+        _write_files(tmp, model, optimizer, scheduler, state, config_yaml)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "world_size": world_size,
+            "layout": "full" if model is not None else SHARDED,
+            "files": {name: (tmp / name).stat().st_size for name in files},
+        }
+        _write_file(tmp / "meta.json", lambda f: _write_synced(f, json.dumps(meta, indent=2)))
+        fsync_dir(tmp)
+        final = _publish(tmp, step)
+    except BaseException:
+        discard(tmp)  # a failed or interrupted save must not hold the disk space
+        raise
+    prune(final.parent, keep)
+    return final
+
+
+def _write_files(tmp: Path, model: torch.nn.Module | None, optimizer: Any, scheduler: Any, state: dict[str, Any],
+                 config_yaml: str) -> None:  # fmt: skip
+    """The main process's files of a checkpoint, each written and fsynced (`_write_file`)."""
     from safetensors.torch import save_file
 
     if model is not None:
-        save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    for name in files:
-        _fsync(tmp / name)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "world_size": world_size,
-        "layout": "full" if model is not None else SHARDED,
-        "files": {name: (tmp / name).stat().st_size for name in files},
-    }
-    _write_synced(tmp / "meta.json", json.dumps(meta, indent=2))
-    _fsync_dir(tmp)
+        weights = trainable_state(model)
+        _write_file(tmp / WEIGHTS, lambda f: save_file(weights, str(f), metadata={"format": "pt"}))
+        _write_file(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+    _write_file(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
+    _write_file(tmp / "trainer_state.pt", lambda f: torch.save(state, f))
+    _write_file(tmp / "config.yaml", lambda f: f.write_text(config_yaml, encoding="utf-8"))
+    for f in (tmp / SHARDED).rglob("*") if (tmp / SHARDED).is_dir() else ():
+        if f.is_file():
+            fsync(f)  # the shards every process wrote
+
+
+def _publish(tmp: Path, step: int) -> Path:
+    """Rename the finished staging folder to ``step-N`` (an existing one of that step is replaced)."""
     final = tmp.parent / folder_name(step)
     old = tmp.parent / f"{_OLD_PREFIX}{final.name}"
-    if final.exists():  # e.g. re-saving a step after resuming from an older checkpoint
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(final.parent)
+    try:
+        faults.reach("checkpoint.publish", final)
+        if final.exists():  # e.g. re-saving a step after resuming from an older checkpoint
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as exc:
+        raise WriteError(str(final), io_reason(exc) or str(exc)) from None
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
-    prune(final.parent, keep)
     return final
+
+
+def remove_checkpoint(root: Path, step: int) -> None:
+    """Delete the checkpoint of `step` (and `root` when nothing else is left in it)."""
+    shutil.rmtree(root / folder_name(step), ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def prune(root: Path, keep: int) -> None:
@@ -284,22 +368,6 @@ def _write_synced(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; some filesystems refuse to fsync a directory, which is fine."""
-    try:
-        _fsync(path)
-    except OSError:
-        pass
 
 
 # ---- reading --------------------------------------------------------------------------

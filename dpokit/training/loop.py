@@ -17,7 +17,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ import yaml
 from accelerate.utils import set_seed
 from torch import Tensor
 
+from dpokit import faults
 from dpokit.config import Config
 from dpokit.data.files import data_files, write_rows
 from dpokit.data.stream import ExampleStream
 from dpokit.dist import Dist, local_value, make_accelerator, strategy
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, WriteError, writing
 from dpokit.models.forward import LM_HEAD_CHUNK
 from dpokit.models.layout import attn_implementation_of, base_config
 from dpokit.models.loading import apply_checkpointing, resolve_dtype
@@ -236,13 +237,24 @@ def train(
         return TrainResult(cfg.train.output_dir, done.steps, written=done.written, already_complete=True)
     if train_data is None and eval_data is None:
         objective.preflight(*data_files(cfg.data, cfg.train.seed))  # bad data fails before the model loads
-    out, created = outputs.prepare(cfg)
+    claim = outputs.prepare(cfg)  # the folder's lock is held from here to the end of the run
     try:
-        cfg = _rows_in_memory(cfg, out, objective, train_data, eval_data)
-        run, state = _start(cfg, out, objective, hooks)
-    except BaseException:
-        outputs.discard_if_unused(out, created)  # no empty run folder after a failed start
+        cfg = _rows_in_memory(cfg, claim.out, objective, train_data, eval_data)
+        run, state = _start(cfg, claim.out, objective, hooks)
+    except BaseException as exc:
+        outputs.discard_if_unused(claim)  # no empty run folder after a failed start
+        if isinstance(exc, WriteError):
+            raise outputs.write_failure(exc, claim.out) from None
         raise
+    try:
+        return _train_steps_and_finish(run, state)
+    except WriteError as exc:  # a full disk, an I/O error: what failed, what is kept, how to go on
+        raise outputs.write_failure(exc, claim.out) from None
+    finally:
+        claim.release()
+
+
+def _train_steps_and_finish(run: _Run, state: LoopState) -> TrainResult:
     with StopSignals() as signals:
         try:
             stopped = _run_steps(run, state, signals)
@@ -268,7 +280,8 @@ def _rows_in_memory(
     for name, rows, key in (("train_data", train_data, "train_files"), ("eval_data", eval_data, "eval_files")):
         if rows is not None:
             path = out / f"{name}.jsonl"
-            write_rows(rows, path, name)
+            with writing(f"the in-memory {name} rows", path):
+                write_rows(rows, path, name)
             changes.append(f"data.{key}=[{path}]")
     cfg = cfg.override(changes)
     objective.cfg = cfg
@@ -294,7 +307,8 @@ def _start(cfg: Config, out: Path, objective: Objective, hooks: Sequence[Hook]) 
     run = _Run(cfg, out, s, objective, policy, optimizer, scheduler, stream, steps, hooks)
     state = _resume(run)  # a fresh LoopState unless train.resume finds a checkpoint
     if s.dist.is_main:
-        cfg.save(out / "config.yaml")
+        with writing("the run's config", out / "config.yaml"):
+            cfg.save(out / "config.yaml")
     run.logger = M.MetricsLogger(out, t.report_to, enabled=s.dist.is_main, append=state.step > 0,
                                  config=cfg.to_dict())  # fmt: skip
     # A bar on a terminal; in a log file (no TTY) one plain line per log step instead of \r frames.
@@ -329,6 +343,7 @@ def _run_steps(run: _Run, state: LoopState, signals: StopSignals) -> TrainResult
         finite, stop = _check_finite(s.dist, objective, step_metrics, grad_norm, signals.requested)
         if finite:
             run.optimizer.step()
+            faults.reach("step.optimizer")  # a kill here loses the step: the resume repeats it
             state.running.merge(step_metrics)
         _count_bad_step(run, state, finite, step)
         run.scheduler.step()  # on skipped steps too: the lr stays a function of the step number
@@ -348,7 +363,9 @@ def _run_steps(run: _Run, state: LoopState, signals: StopSignals) -> TrainResult
             _stop_on_bad_steps(run, state)
         if stop:  # a signal (here or on another process): checkpoint, then leave cleanly
             return _stopped(run, state, signals.signum or signal.SIGTERM, _save_checkpoint(run, state))
-        if t.save_every and step % t.save_every == 0:
+        # The last step is always saved: a kill or a full disk during the final save then resumes here and
+        # finishes the save instead of training again (with save_every=0 it is deleted once the run is complete).
+        if step == run.steps or (t.save_every and step % t.save_every == 0):
             _save_checkpoint(run, state)
     return None
 
@@ -367,9 +384,12 @@ def _finish(run: _Run, state: LoopState) -> TrainResult:
     # weights for AdamW) is no longer needed, so free it first: the save must not set the peak.
     run.optimizer.state.clear()
     written = _save(run)
-    if s.dist.is_main:  # last of all: only now does the folder hold a finished run
-        outputs.mark_complete(run.out, steps, written)
-    s.dist.barrier()
+    marked = _attempt(lambda: outputs.mark_complete(run.out, steps, written)) if s.dist.is_main else None
+    failure = s.dist.first_failure(marked)  # last of all: only now does the folder hold a finished run
+    if failure is not None:
+        raise failure
+    if s.dist.is_main and not run.cfg.train.save_every:  # the final step's checkpoint was only a safety net
+        ckpt.remove_checkpoint(run.out / ckpt.CHECKPOINTS, steps)
     _push(run)
     return TrainResult(str(run.out), steps, state.last, eval_metrics, written)
 
@@ -533,27 +553,42 @@ _HISTORY = 16  # training rows kept for the objective's warnings (it looks at th
 # ---- checkpoints ------------------------------------------------------------------------
 def _save_checkpoint(run: _Run, state: LoopState) -> Path:
     """Write a checkpoint of the state after `state.step` (every process takes part: each writes its
-    RNG state and, with several processes, its shards of the weights and optimizer state)."""
-    acc, root, sharded = run.s.accelerator, run.out / ckpt.CHECKPOINTS, run.s.dist.world > 1
+    RNG state and, with several processes, its shards of the weights and optimizer state).
+
+    Each phase ends with `first_failure`, a collective in place of a barrier: a write that fails on
+    any process stops every process with that failure (none waits for it), and the staging folder
+    is removed, so the last complete checkpoint stays the newest."""
+    dist, root, sharded = run.s.dist, run.out / ckpt.CHECKPOINTS, run.s.dist.world > 1
     tmp = ckpt.staging_dir(root, state.step)
-    try:
-        if acc.is_main_process:
-            ckpt.begin(root, state.step)
-        acc.wait_for_everyone()
-        ckpt.write_rng(tmp, acc.process_index)
-        if sharded:
-            ckpt.write_sharded(tmp, run.policy, run.optimizer)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.write_and_publish(
-                tmp, state.step, None if sharded else acc.unwrap_model(run.policy), run.optimizer, run.scheduler,
-                state.to_dict(run.stream.consumed), run.cfg.to_yaml(commented=False), acc.num_processes,
-                run.cfg.train.keep_checkpoints,
-            )
-    except OSError as exc:
-        raise DpokitError(f"could not write the checkpoint of step {state.step} in {root}: {exc}") from None
-    acc.wait_for_everyone()
+    failure = dist.first_failure(_attempt(lambda: ckpt.begin(root, state.step)) if dist.is_main else None)
+    if failure is None:
+        failure = dist.first_failure(_attempt(lambda: ckpt.write_rng(tmp, dist.rank)))
+    if failure is None and sharded:  # DCP raises a failed write of any process on every process
+        failure = dist.first_failure(_attempt(lambda: ckpt.write_sharded(tmp, run.policy, run.optimizer)))
+    if failure is None:
+        failure = dist.first_failure(_attempt(lambda: _publish_checkpoint(run, state, tmp)) if dist.is_main else None)
+    if failure is not None:
+        if dist.is_main:
+            ckpt.discard(tmp)
+        raise failure.elaborate(what=f"the checkpoint of step {state.step}")
     return root / ckpt.folder_name(state.step)
+
+
+def _publish_checkpoint(run: _Run, state: LoopState, tmp: Path) -> None:
+    """The main process's files of the checkpoint (all of them with one process), then the rename."""
+    sharded = run.s.dist.world > 1  # the weights and optimizer state are in tmp/sharded already
+    model = None if sharded else run.s.accelerator.unwrap_model(run.policy)
+    ckpt.write_and_publish(tmp, state.step, model, run.optimizer, run.scheduler, state.to_dict(run.stream.consumed),
+                           run.cfg.to_yaml(commented=False), run.s.dist.world, run.cfg.train.keep_checkpoints)
+
+
+def _attempt(write: Callable[[], Any]) -> WriteError | None:
+    """Run one writing phase; its WriteError is returned (for `Dist.first_failure`), not raised."""
+    try:
+        write()
+    except WriteError as exc:
+        return exc
+    return None
 
 
 def _resume(run: _Run) -> LoopState:
@@ -585,7 +620,11 @@ def _resume(run: _Run) -> LoopState:
         ckpt.set_rng_state(found.rng)  # last: nothing between here and the first step draws numbers
     if acc.is_main_process:
         M.truncate_metrics(run.out / "metrics.jsonl", state.rows)
-    run.s.dist.print(f"resumed from {found.path} (step {found.step} of {run.steps})")
+    if found.step >= run.steps:  # killed in the final evaluation or save: finish those, train nothing
+        run.s.dist.print(f"resumed from {found.path}: training had finished (step {found.step} of {run.steps}) but "
+                         "the final save had not; finishing it without training again")  # fmt: skip
+    else:
+        run.s.dist.print(f"resumed from {found.path} (step {found.step} of {run.steps})")
     return state
 
 
@@ -622,19 +661,30 @@ def evaluate_during_training(run: _Run) -> dict[str, float]:
 
 
 def _save(run: _Run) -> dict[str, str]:
-    """The final folders, each with its model card (README.md), written by the main process."""
-    acc = run.s.accelerator
-    acc.wait_for_everyone()
+    """The final folders, each with its model card (README.md), written by the main process into a
+    staging folder and renamed into place file by file (`outputs.write_final`)."""
+    dist = run.s.dist
+    dist.barrier()
+    model = dist.full_model(run.policy)  # FSDP / ZeRO-3: the shards gathered (every process calls it)
     written: dict[str, str] = {}
-    model = run.s.dist.full_model(run.policy)  # FSDP / ZeRO-3: the shards gathered (every process calls it)
-    if run.s.dist.is_main:
-        written = run.objective.save(model, run.s.tokenizer, run.out)
+
+    def write(stage: Path) -> dict[str, str]:
+        staged = run.objective.save(model, run.s.tokenizer, stage)
         # the metrics as logged (the logger is closed): the last training row and the final eval row
         train_metrics, eval_metrics = cards.final_metrics(run.out / "metrics.jsonl")
         facts = cards.run_facts(run.cfg, run.steps, train_metrics, eval_metrics, run.s.summaries, run.objective.name)
-        cards.write_cards(written, facts)
-        (run.out / "summary.json").write_text(json.dumps({"written": written}, indent=2))
-    acc.wait_for_everyone()
+        cards.write_cards(staged, facts)
+        summary = {"written": outputs.final_paths(staged, stage, run.out)}
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+        return staged
+
+    def save() -> None:
+        written.update(outputs.write_final(run.out, write))
+
+    failure = dist.first_failure(_attempt(save) if dist.is_main else None)
+    if failure is not None:
+        raise failure.elaborate(what="the final model")
+    dist.barrier()
     return written
 
 

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from dpokit import faults
 from dpokit.config import REPORT_TO
+from dpokit.errors import writing
 
 
 def is_finite_metrics(metrics: dict[str, float]) -> bool:
@@ -161,7 +163,8 @@ class MetricsLogger:
         if not enabled:
             return
         if not append:
-            self.path.write_text("", encoding="utf-8")
+            with writing("metrics.jsonl", self.path):
+                self.path.write_text("", encoding="utf-8")
         ctx = BackendContext(out_dir, run_name or out_dir.resolve().name, dict(config or {}), resumed=append)
         self.backends = open_backends(report_to, ctx)
 
@@ -169,8 +172,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _round(v) for k, v in metrics.items()}}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        with writing(f"metrics.jsonl (the row of step {step})", self.path):
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+            faults.reach("metrics.write", self.path, len(line.encode()))
         # numbers only (not the `warnings` list); bools are ints to Python but not metrics
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:
@@ -203,15 +209,30 @@ def format_line(step: int, total: int, metrics: dict[str, Any], keys: Sequence[t
 
 def truncate_metrics(path: Path, rows: int) -> None:
     """Keep the first `rows` rows of metrics.jsonl (those logged up to the checkpoint): the
-    steps after it run again and log their rows again, so none is duplicated."""
+    steps after it run again and log their rows again, so none is duplicated. A last line cut
+    short by a kill or a full disk (no newline, or not JSON) is dropped first, with a warning."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    if lines and not _whole_row(lines[-1]):
+        print(f"warning: {path}: its last line was cut short (the run was killed or the disk filled while "
+              f"writing it: {lines[-1][:60]!r}); repaired by dropping it")  # fmt: skip
+        lines = lines[:-1]
     if len(lines) < rows:
         print(f"warning: {path} has {len(lines)} rows, the checkpoint expected {rows}; appending to it")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(lines[:rows]), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.tmp"
+    with writing("metrics.jsonl", path):
+        tmp.write_text("".join(lines[:rows]), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _whole_row(line: str) -> bool:
+    if not line.endswith("\n"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "") -> Any:

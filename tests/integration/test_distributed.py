@@ -144,7 +144,7 @@ def test_fsdp_sigterm_to_the_launcher_checkpoints_and_resume_is_bitwise(fsdp_who
     finally:
         run.kill()
     saved = ckpt.list_checkpoints(cut / ckpt.CHECKPOINTS)
-    assert run.returncode != 0 and len(saved) == 1, output[-3000:]
+    assert run.returncode == 128 + signal.SIGTERM and len(saved) == 1, output[-3000:]
     step, folder = saved[0]
     assert 3 <= step < 24 and (folder / ckpt.SHARDED / ".metadata").is_file()
     assert json.loads((folder / "meta.json").read_text())["world_size"] == 2
@@ -234,6 +234,40 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path: Path) -> None
     assert proc.returncode != 0
     assert "rank 1: a bad batch at step 2" in proc.stdout + proc.stderr
     assert time.monotonic() - start < 120
+
+
+def test_fsdp_io_error_on_rank_1_ends_both_then_a_kill_then_resume_is_bitwise(fsdp_whole: Path, tmp_path: Path) -> None:
+    """Faults in a two-process run. (1) The disk fails under rank 1's part of the step-16 checkpoint
+    (its RNG file; rank 0 has written its own): both processes stop with rank 1's message, nothing
+    hangs, `dpokit train` exits 74 (the launcher's own status would be 1) with the message as its
+    last line; the staging folder is removed and step 8 is intact. (2) The resume is SIGKILLed on rank 1 inside an optimizer step.
+    (3) The next resume ends with the uninterrupted run's weights, bit for bit, and its metrics rows."""
+    out = tmp_path / "faults"
+    run = [*FSDP_RUN, "train.save_every=8"]
+    start = time.monotonic()
+    proc = subprocess.run(_command(out, run, "fsdp"), cwd=REPO, env=_env(DPOKIT_FAULT="checkpoint.file:rng-1.pt#2:enospc@1"),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 74 and time.monotonic() - start < 120, text[-3000:]
+    message = "error: could not write the checkpoint of step 16 ("
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), text[-3000:]  # repeated below the launcher's report
+    assert text.count(message) == 2, text[-3000:]  # once by the main worker, once by the supervising process
+    assert "rng-1.pt): No space left on device (on process 1). The partial files were removed. The last complete " \
+           "checkpoint, " in text and "step-00000008 (step 8), is intact" in text, text[-3000:]
+    assert "--num-processes 2 --accelerate-config fsdp" in text.split(message)[1].splitlines()[0]  # the resume command
+    assert [s for s, _ in ckpt.list_checkpoints(out / ckpt.CHECKPOINTS)] == [8]
+    assert not list((out / ckpt.CHECKPOINTS).glob(".tmp-*"))
+
+    killed = subprocess.run(_command(out, [*run, "train.resume=auto"], "fsdp"), cwd=REPO,
+                            env=_env(DPOKIT_FAULT="step.optimizer#3@1"), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert killed.returncode != 0 and "resumed from" in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert not (out / "run_complete.json").exists()
+
+    _launch(out, [*run, "train.resume=auto"], "fsdp")
+    a, b = _weights(fsdp_whole), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]  # noqa: E731
+    assert drop(_rows(out)) == drop(_rows(fsdp_whole))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (optional: make deepspeed)")

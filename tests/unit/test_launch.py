@@ -4,6 +4,7 @@ with the shipped Accelerate configs (dpokit/assets/accelerate/*.yaml)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,21 +24,21 @@ DISTRIBUTED_TYPE = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "z
 
 
 class _Execd(Exception):
-    """Raised by the fake os.execve: the command the process would have become, and its environment."""
+    """Raised by the fake launcher: the command the process would have run, and its environment."""
 
     def __init__(self, path: str, argv: list[str], env: dict[str, str]):
         super().__init__(path)
         self.path, self.argv, self.env = path, argv, env
 
 
-def _fake_execve(path: str, argv: list[str], env: dict[str, str]) -> None:
-    raise _Execd(path, list(argv), dict(env))
+def _fake_supervise(argv: list[str], env: dict[str, str]) -> int:
+    raise _Execd(argv[0], list(argv), dict(env))
 
 
 @pytest.fixture
 def no_exec(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No real exec, and this process counts as the user's (not a launched worker)."""
-    monkeypatch.setattr(launch.os, "execve", _fake_execve)
+    """No real launcher, and this process counts as the user's (not a launched worker)."""
+    monkeypatch.setattr(launch, "_supervise", _fake_supervise)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
@@ -93,7 +94,7 @@ def test_free_port_is_a_port() -> None:
 # --- when to relaunch -----------------------------------------------------------------------------
 
 
-def test_more_than_one_process_execs_accelerate_launch(no_exec: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_more_than_one_process_runs_accelerate_launch(no_exec: None, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(_Execd) as ran:
         launch.maybe_relaunch("train", ["train", "--preset", "tiny", "--num-processes", "2"], 2, "ddp")
     assert ran.value.path == sys.executable
@@ -261,3 +262,25 @@ def test_deepspeed_run_settings_fill_auto_and_refuse_a_conflict() -> None:
         deepspeed_run_settings({"gradient_accumulation_steps": 4}, 2, 8, 1.0, 1)
     with pytest.raises(DpokitError, match=r"train_micro_batch_size_per_gpu=16.*train.micro_batch_size = 2"):
         deepspeed_run_settings({"train_micro_batch_size_per_gpu": 16}, 2, 8, 1.0, 1)
+
+
+_WORKER = """
+import sys
+from dpokit import launch
+launch.record_outcome(int(sys.argv[1]), "could not write the checkpoint of step 16: No space left on device")
+sys.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize(("recorded", "launcher", "status"), [(74, 1, 74), (143, 1, 143), (0, 0, 0), (0, 1, 1)])
+def test_the_supervisor_exits_with_the_main_workers_status(monkeypatch: pytest.MonkeyPatch, recorded: int,
+                                                           launcher: int, status: int,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The launcher reports any failure as 1; dpokit exits with what its main worker recorded (74: a
+    failed write, 128+N: signal N) and repeats its error line last. A main worker that finished while
+    another failed does not hide the failure."""
+    monkeypatch.setenv("RANK", "0")
+    code = launch._supervise([sys.executable, "-c", _WORKER, str(recorded), str(launcher)], dict(os.environ))
+    assert code == status
+    err = capfd.readouterr().err
+    assert ("error: could not write the checkpoint" in err) == (launcher != 0 and recorded != 0)
