@@ -60,7 +60,7 @@ from typing import Any
 from dpokit.data import cache as data_cache
 from dpokit.data.collate import TokenizedPair
 from dpokit.data.files import DataFiles, Unreadable, describe_row, expand_sources, records, row_error, shown, type_name
-from dpokit.errors import ConfigError, DataError, ModelError
+from dpokit.errors import ConfigError, DataError, ModelError, writing
 
 __all__ = [
     "RawPair",
@@ -667,11 +667,12 @@ def write_skipped(path: str | Path, records: list[dict[str, Any]]) -> None:
     if not records:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            # default=str: Parquet rows may hold dates or bytes, which JSON has no type for.
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    with writing("the list of skipped rows", path):  # a full disk here: a WriteError, not a traceback
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for record in records:
+                # default=str: Parquet rows may hold dates or bytes, which JSON has no type for.
+                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -240,7 +240,8 @@ def test_fsdp_io_error_on_rank_1_ends_both_then_a_kill_then_resume_is_bitwise(fs
     """Faults in a two-process run. (1) The disk fails under rank 1's part of the step-16 checkpoint
     (its RNG file; rank 0 has written its own): both processes stop with rank 1's message, nothing
     hangs, `dpokit train` exits 74 (the launcher's own status would be 1) with the message as its
-    last line; the staging folder is removed and step 8 is intact. (2) The resume is SIGKILLed on rank 1 inside an optimizer step.
+    last line; the staging folder is removed and step 8 is intact. (2) The resume is SIGKILLed on rank 1 after its shards of the step-16 checkpoint are written, before
+    it is published (the matrix's 2-process point).
     (3) The next resume ends with the uninterrupted run's weights, bit for bit, and its metrics rows."""
     out = tmp_path / "faults"
     run = [*FSDP_RUN, "train.save_every=8"]
@@ -259,11 +260,13 @@ def test_fsdp_io_error_on_rank_1_ends_both_then_a_kill_then_resume_is_bitwise(fs
     assert not list((out / ckpt.CHECKPOINTS).glob(".tmp-*"))
 
     killed = subprocess.run(_command(out, [*run, "train.resume=auto"], "fsdp"), cwd=REPO,
-                            env=_env(DPOKIT_FAULT="step.optimizer#3@1"), capture_output=True, text=True, timeout=240)  # fmt: skip
+                            env=_env(DPOKIT_FAULT="checkpoint.file:sharded#1@1"), capture_output=True, text=True, timeout=240)  # fmt: skip
     assert killed.returncode != 0 and "resumed from" in killed.stdout, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert not (out / "run_complete.json").exists()
+    assert [p.name for p in (out / ckpt.CHECKPOINTS).glob(".tmp-*")] == [".tmp-step-00000016"]  # the kill's leftover
 
     _launch(out, [*run, "train.resume=auto"], "fsdp")
+    assert not list((out / ckpt.CHECKPOINTS).glob(".tmp-*"))
     a, b = _weights(fsdp_whole), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]  # noqa: E731

@@ -1,6 +1,6 @@
 """Faults while writing, unit by unit: the fault points, the classification of I/O errors, an
-`OSError(ENOSPC)` raised from each writer in turn (checkpoint files, metrics, the final save, the
-completion marker, the reference cache), stale temporary files, the output folder's lock, the repair
+`OSError(ENOSPC)` raised from each writer in turn (checkpoint files, metrics, the skipped rows, the final
+save, the completion marker, the reference cache), stale temporary files, the output folder's lock, the repair
 of a torn metrics.jsonl, and readers refusing an unfinished run."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dpokit import faults
+from dpokit.data.pairs import write_skipped
 from dpokit.errors import DpokitError, WriteError, io_reason, writing
 from dpokit.fileio import unfinished_run
 from dpokit.models import refcache
@@ -183,6 +184,15 @@ def test_enospc_in_the_metrics_writer(tmp_path: Path) -> None:
     faults.arm("metrics.write:enospc")
     with pytest.raises(WriteError, match=r"could not write metrics.jsonl \(the row of step 2\)"):
         logger.log(2, {"loss": 0.4})
+
+
+def test_enospc_writing_the_skipped_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(WriteError, match=r"could not write the list of skipped rows .*skipped.jsonl.*No space left"):
+        write_skipped(tmp_path / "skipped.jsonl", [{"file": "a.jsonl", "line": 3, "error": "no 'chosen'"}])
 
 
 @pytest.mark.parametrize("point", ["final.file:model.bin", "final.publish"])
