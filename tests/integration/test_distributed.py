@@ -273,6 +273,22 @@ def test_fsdp_io_error_on_rank_1_ends_both_then_a_kill_then_resume_is_bitwise(fs
     assert drop(_rows(out)) == drop(_rows(fsdp_whole))
 
 
+def test_a_metrics_write_error_on_rank_0_ends_both_processes_with_exit_74(tmp_path: Path) -> None:
+    """Only rank 0 writes metrics.jsonl: its failed write ends the run (rank 1 is torn down by the
+    launcher, not left waiting in the next all-reduce) with exit 74 and the message as the last line."""
+    out = tmp_path / "metrics_fault"
+    start = time.monotonic()
+    proc = subprocess.run(_command(out, ["train.max_steps=8", "train.save_every=2"], "ddp"), cwd=REPO,
+                          env=_env(DPOKIT_FAULT="metrics.write#3:enospc@0"), capture_output=True, text=True, timeout=240)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 74 and time.monotonic() - start < 120, text[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write metrics.jsonl (the row of step 3)"), text[-3000:]
+    assert "step-00000002 (step 2), is intact" in last and last.endswith("train.resume=auto"), last
+    assert [s for s, _ in ckpt.list_checkpoints(out / ckpt.CHECKPOINTS)] == [2]
+    assert not (out / "run_complete.json").exists() and not list((out / ckpt.CHECKPOINTS).glob(".tmp-*"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (optional: make deepspeed)")
 def test_deepspeed_zero3_equals_one_process_and_resumes_bitwise(tmp_path: Path) -> None:
     """DeepSpeed ZeRO-3 on CPU (its CPU accelerator, gloo), with gradient accumulation: the engine
