@@ -160,7 +160,7 @@ class Dist:
         torch.distributed.all_gather_object(gathered, mine)
         for rank, found in enumerate(gathered):
             if found is not None:
-                return WriteError(found[0], f"{found[1]} (on process {rank})" if self.world > 1 else found[1])
+                return WriteError(found[0], f"{found[1]} (on process {rank})")
         return None
 
     @contextlib.contextmanager

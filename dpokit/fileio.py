@@ -16,7 +16,6 @@ from pathlib import Path
 RUN_COMPLETE = "run_complete.json"  # written last into a training run's folder: the run finished
 
 
-
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Create `path` by calling `write(temporary_path)` and renaming the result into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +37,19 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_synced(path: Path, text: str) -> None:
+    """Write `text` to `path` and flush it to the disk before returning."""
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def tree_size(folder: Path) -> int:
+    """The bytes of the files under `folder`."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def fsync_dir(path: Path) -> None:

@@ -141,19 +141,10 @@ def train_rl(cfg: Config, log: Callable[[str], Any] = print) -> RLResult:
         return RLResult(out, done.steps, already_complete=True)
     prompt_rows = [p for f in cfg.rl.prompt_files for p in read_prompts(f)]  # bad files fail before any model loads
     claim = outputs.prepare(cfg)  # the folder's lock is held from here to the end of the run
-    try:
+    with claim.starting():  # no empty run folder after a failed start
         run, state = _start(cfg, claim.out, prompt_rows, log)
-    except BaseException as exc:
-        outputs.discard_if_unused(claim)
-        if isinstance(exc, WriteError):
-            raise outputs.write_failure(exc, claim.out) from None
-        raise
-    try:
+    with claim.running():
         return _steps_and_finish(run, state, log)
-    except WriteError as exc:  # a full disk, an I/O error: what failed, what is kept, how to go on
-        raise outputs.write_failure(exc, claim.out) from None
-    finally:
-        claim.release()
 
 
 def _steps_and_finish(run: _Run, state: RLState, log: Callable[[str], Any]) -> RLResult:

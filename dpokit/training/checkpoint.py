@@ -28,7 +28,6 @@ Only the standard library, numpy, torch, safetensors and `dpokit.dist` are impor
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -43,8 +42,8 @@ from torch import Tensor
 
 from dpokit import faults
 from dpokit.dist import is_deepspeed_engine
-from dpokit.errors import DpokitError, WriteError, io_reason
-from dpokit.fileio import fsync, fsync_dir
+from dpokit.errors import DpokitError, WriteError, io_reason, writing
+from dpokit.fileio import fsync, fsync_dir, tree_size, write_synced
 
 CHECKPOINTS = "checkpoints"  # folder under train.output_dir
 FORMAT = "dpokit-checkpoint"
@@ -177,7 +176,7 @@ def remove_stale(root: Path) -> list[tuple[Path, int]]:
     if root.is_dir():
         for stale in sorted(root.iterdir()):
             if stale.name.startswith((_TMP_PREFIX, _OLD_PREFIX)) and stale.is_dir():
-                removed.append((stale, sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())))
+                removed.append((stale, tree_size(stale)))
                 shutil.rmtree(stale, ignore_errors=True)
     return removed
 
@@ -189,16 +188,12 @@ def discard(tmp: Path) -> None:
 
 def _write_file(path: Path, write: Callable[[Path], Any]) -> None:
     """Write one file of a checkpoint and fsync it; an I/O failure (whatever the writer raises for
-    it: OSError, torch's RuntimeError, safetensors' error) becomes a WriteError naming the file."""
-    try:
+    it: OSError, torch's RuntimeError, safetensors' error) becomes a WriteError naming the file (the
+    caller names the checkpoint)."""
+    with writing("", path):
         write(path)
         fsync(path)
         faults.reach(f"checkpoint.file:{path.name}", path, path.stat().st_size)
-    except Exception as exc:
-        reason = io_reason(exc, path)
-        if reason is None:
-            raise
-        raise WriteError(str(path), reason) from None
 
 
 def write_rng(tmp: Path, rank: int) -> None:
@@ -307,7 +302,7 @@ def write_and_publish(
             "layout": "full" if model is not None else SHARDED,
             "files": {name: (tmp / name).stat().st_size for name in files},
         }
-        _write_file(tmp / "meta.json", lambda f: _write_synced(f, json.dumps(meta, indent=2)))
+        _write_file(tmp / "meta.json", lambda f: write_synced(f, json.dumps(meta, indent=2)))
         fsync_dir(tmp)
         final = _publish(tmp, step)
     except BaseException:
@@ -361,13 +356,6 @@ def prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (only folders this module named)."""
     for _, path in list_checkpoints(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # ---- reading --------------------------------------------------------------------------

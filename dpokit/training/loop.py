@@ -238,20 +238,11 @@ def train(
     if train_data is None and eval_data is None:
         objective.preflight(*data_files(cfg.data, cfg.train.seed))  # bad data fails before the model loads
     claim = outputs.prepare(cfg)  # the folder's lock is held from here to the end of the run
-    try:
+    with claim.starting():  # no empty run folder after a failed start
         cfg = _rows_in_memory(cfg, claim.out, objective, train_data, eval_data)
         run, state = _start(cfg, claim.out, objective, hooks)
-    except BaseException as exc:
-        outputs.discard_if_unused(claim)  # no empty run folder after a failed start
-        if isinstance(exc, WriteError):
-            raise outputs.write_failure(exc, claim.out) from None
-        raise
-    try:
+    with claim.running():
         return _train_steps_and_finish(run, state)
-    except WriteError as exc:  # a full disk, an I/O error: what failed, what is kept, how to go on
-        raise outputs.write_failure(exc, claim.out) from None
-    finally:
-        claim.release()
 
 
 def _train_steps_and_finish(run: _Run, state: LoopState) -> TrainResult:

@@ -19,12 +19,13 @@ This module decides what may be written there and when a run in it counts as fin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from dpokit import faults
 from dpokit.config import Config
 from dpokit.dist import launched_rank
 from dpokit.errors import DpokitError, WriteError, writing
-from dpokit.fileio import RUN_COMPLETE, fsync, fsync_dir
+from dpokit.fileio import RUN_COMPLETE, fsync, fsync_dir, tree_size, write_synced
 from dpokit.training import checkpoint as ckpt
 
 try:
@@ -83,10 +84,7 @@ def mark_complete(out: Path, steps: int, written: dict[str, str]) -> None:
     tmp = out / f".{COMPLETE}.tmp"
     with writing("the completion marker", out / COMPLETE):
         faults.reach("final.marker", out / COMPLETE)
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_synced(tmp, json.dumps(record, indent=2))
         os.replace(tmp, out / COMPLETE)
 
 
@@ -162,6 +160,29 @@ class Claim:
             self.lock.release()
             self.lock = None
 
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """The run's set-up: on any failure the claim is released and a folder this run created is
+        removed if nothing was written into it; a failed write says what is kept and how to go on."""
+        try:
+            yield
+        except BaseException as exc:
+            discard_if_unused(self)
+            if isinstance(exc, WriteError):
+                raise write_failure(exc, self.out) from None
+            raise
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The run's steps and final save: a failed write says what is kept and how to go on; the
+        claim is released however the block ends."""
+        try:
+            yield
+        except WriteError as exc:  # a full disk, an I/O error: what failed, what is kept, how to go on
+            raise write_failure(exc, self.out) from None
+        finally:
+            self.release()
+
 
 def prepare(cfg: Config) -> Claim:
     """Claim the output folder: refuse another run's folder unless train.overwrite (which first
@@ -218,13 +239,9 @@ def remove_stale(out: Path) -> list[tuple[str, int]]:
             removed.append((path.name, path.stat().st_size))
             path.unlink(missing_ok=True)
         elif path.is_dir() and path.name == FINAL_STAGING:
-            removed.append((path.name, _size(path)))
+            removed.append((path.name, tree_size(path)))
             shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _report_stale(out: Path, removed: list[tuple[str, int]]) -> None:

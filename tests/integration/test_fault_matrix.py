@@ -267,16 +267,12 @@ def test_a_fault_that_never_strikes_fails_the_test(server: ForkServer, tiny_mode
         assert_killed(code, log, out, kill)
 
 
-@pytest.mark.parametrize("kill", DEFAULT_POINTS, ids=lambda k: k.id)
+@pytest.mark.parametrize(
+    "kill",
+    [*DEFAULT_POINTS, *(pytest.param(k, marks=pytest.mark.slow) for k in SLOW_POINTS)],  # slow: every point of every objective
+    ids=lambda k: k.id,
+)
 def test_kill_then_resume_matches_the_uninterrupted_run(
-    server: ForkServer, references: Any, tiny_model_dir: Path, tmp_path: Path, kill: Kill
-) -> None:
-    kill_and_resume(server, tiny_model_dir, references(kill.kind), tmp_path / "run", kill)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kill", SLOW_POINTS, ids=lambda k: k.id)
-def test_every_point_of_every_objective(
     server: ForkServer, references: Any, tiny_model_dir: Path, tmp_path: Path, kill: Kill
 ) -> None:
     kill_and_resume(server, tiny_model_dir, references(kill.kind), tmp_path / "run", kill)
